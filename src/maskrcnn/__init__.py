@@ -1,0 +1,28 @@
+"""maskrcnn: Mask R-CNN for detection, instance segmentation and keypoints, in readable PyTorch."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Imported lazily so that `import maskrcnn` stays cheap and one broken optional part does not
+# take the others down.
+_LAZY = {
+    "MaskRCNN": "maskrcnn.model.mask_rcnn",
+    "build_model": "maskrcnn.model.mask_rcnn",
+    "from_torchvision": "maskrcnn.model.weights",
+    "load_checkpoint": "maskrcnn.model.weights",
+    "save_checkpoint": "maskrcnn.model.weights",
+    "Config": "maskrcnn.config",
+    "load_config": "maskrcnn.config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'maskrcnn' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY) + ["__version__"]

@@ -1,0 +1,274 @@
+"""Configuration: dataclasses with meaningful defaults, loaded from YAML, overridden by `key.sub=value`.
+
+One setting lives in one place. Modules never take a whole config: `build_model(config.model)`
+and friends turn these dataclasses into keyword arguments.
+
+The model defaults reproduce torchvision's `maskrcnn_resnet50_fpn` (v1) behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    depth: int = 50  # ResNet-18/34/50/101
+    norm: str = "frozen_bn"  # "frozen_bn" (pretrained weights) | "bn" | "gn" (training from scratch)
+    trainable_stages: int = 3  # 0..5: how many of (layer4, layer3, layer2, layer1, stem) train
+    fpn_channels: int = 256
+    weights: str | None = None  # optional local path of ImageNet ResNet weights (torchvision layout)
+
+
+@dataclass
+class TransformConfig:
+    min_size: list[int] = field(default_factory=lambda: [800])  # train: one chosen per image
+    min_size_test: int = 800
+    max_size: int = 1333
+    size_divisible: int = 32
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class RPNConfig:
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per level P2..P6
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    pre_nms_top_n_train: int = 2000  # per level
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000  # per image
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    score_thresh: float = 0.0
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+
+
+@dataclass
+class BoxHeadConfig:
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512  # sampled RoIs per image
+    positive_fraction: float = 0.25
+    pooler_resolution: int = 7
+    sampling_ratio: int = 2
+    aligned: bool = False  # torchvision's MultiScaleRoIAlign uses aligned=False
+    num_convs: int = 0  # 0 = Mask R-CNN's "2fc" head; >0 adds conv3x3 layers before the FC layers
+    fc_dim: int = 1024
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class MaskHeadConfig:
+    enabled: bool = True
+    architecture: str = "fcn"  # "fcn" | "deep_fcn" | "resnet" | "hourglass"
+    num_convs: int = 4  # conv layers (fcn/deep_fcn), residual blocks (resnet), levels (hourglass)
+    conv_dim: int = 256
+    pooler_resolution: int = 14  # RoI crop; the mask is 2x this (28 x 28)
+    sampling_ratio: int = 2
+    aligned: bool = False
+    class_agnostic: bool = False
+    # Birodkar et al. 2021: which boxes train the mask head, and which classes have masks
+    train_on: str = "proposals"  # "proposals" (Mask R-CNN) | "gt_boxes"
+    gt_box_jitter: float = 0.0  # relative jitter of ground-truth boxes when train_on == "gt_boxes"
+    mask_classes: list[int] | None = None  # labels whose masks train the head; None = all
+    # Cheng et al. 2021: point supervision
+    point_supervision: bool = False
+    points_per_instance: int | None = None  # random subset each iteration; None = all points
+
+
+@dataclass
+class KeypointHeadConfig:
+    enabled: bool = False
+    num_keypoints: int = 17
+    num_convs: int = 8
+    conv_dim: int = 512
+    pooler_resolution: int = 14  # heatmaps are 4x this (56 x 56)
+    sampling_ratio: int = 2
+    aligned: bool = False
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 90  # foreground classes; label 0 is background
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DatasetConfig:
+    annotations: str = ""  # COCO JSON
+    images: str = ""  # image folder
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # "shapes" (generated on first use) | "coco" (the paths below)
+    root: str = "data/shapes"  # where `shapes` is generated
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+    keep_empty_images: bool = True  # images without annotations train as negatives
+    horizontal_flip: float = 0.5
+    color_jitter: float = 0.0  # strength of photometric jitter; 0 disables it
+    keypoint_flip_map: list[list[int]] | None = None  # [[left, right], ...]; None = from the dataset
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+    # shapes generator
+    shapes_train_images: int = 800
+    shapes_val_images: int = 200
+    shapes_image_size: int = 192
+    shapes_seed: int = 0
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    seed: int = 0
+    iterations: int = 90_000
+    batch_size: int = 2  # images per process
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # "step" | "cosine" | "constant"
+    steps: list[int] = field(default_factory=lambda: [60_000, 80_000])
+    gamma: float = 0.1
+    warmup_iterations: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float | None = None
+    amp: bool = False  # automatic mixed precision where the device supports it
+    checkpoint_every: int = 5000
+    eval_every: int = 0  # 0 = only at the end
+    log_every: int = 20
+    init_weights: str | None = None  # a checkpoint or torchvision .pth to start from
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check and convert a YAML value to the field's declared type; errors name the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_override(data: dict, dotted: str, raw: str) -> None:
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}={raw}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_override(data, key.strip(), raw)
+    return from_dict(Config, data)
+
+
+def config_from_dict(data: dict) -> Config:
+    return from_dict(Config, data)
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
