@@ -149,6 +149,7 @@ class TrainConfig:
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    weight_decay_norm_bias: float | None = None  # decay of norm layers and biases; None = weight_decay
     schedule: str = "step"  # "step" | "cosine" | "constant"
     steps: list[int] = field(default_factory=lambda: [60_000, 80_000])
     gamma: float = 0.1
