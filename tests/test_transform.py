@@ -1,0 +1,115 @@
+"""ImageTransform against torchvision's GeneralizedRCNNTransform on the same inputs."""
+
+import pytest
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from maskrcnn.model.transform import ImageTransform
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def make_pair(min_size=(64, 72, 80), min_size_test=80, max_size=120):
+    ours = ImageTransform(min_size=min_size, min_size_test=min_size_test, max_size=max_size,
+                          image_mean=MEAN, image_std=STD)
+    theirs = GeneralizedRCNNTransform(min_size_test if len(min_size) == 1 else min_size, max_size, MEAN, STD)
+    return ours, theirs
+
+
+def make_target(height, width, n=3, generator=None):
+    xy = torch.rand(n, 2, generator=generator) * torch.tensor([width / 2, height / 2])
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=generator) * 20], dim=1)
+    keypoints = torch.cat([torch.rand(n, 4, 2, generator=generator) * 50, torch.full((n, 4, 1), 2.0)], dim=2)
+    masks = (torch.rand(n, height, width, generator=generator) > 0.5).to(torch.uint8)
+    return {"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64), "keypoints": keypoints, "masks": masks}
+
+
+def test_eval_transform_equals_torchvision_batched_and_single():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 100, 150, generator=g), torch.rand(3, 97, 64, generator=g), torch.rand(3, 160, 130, generator=g)]
+    ours, theirs = make_pair(min_size=(80,), min_size_test=80)
+    ours.eval(), theirs.eval()
+    batch, _ = ours(images)
+    expected, _ = theirs(images)
+    assert batch.tensors.shape == expected.tensors.shape
+    assert batch.tensors.shape[-1] % 32 == 0 and batch.tensors.shape[-2] % 32 == 0
+    torch.testing.assert_close(batch.tensors, expected.tensors, rtol=0, atol=0)
+    assert batch.image_sizes == [tuple(s) for s in expected.image_sizes]
+    assert batch.image_sizes[0] == (80, 120)  # max_size caps the long side
+    single, _ = ours(images[1:2])
+    torch.testing.assert_close(single.tensors[0, :, :80, :52], batch.tensors[1, :, :80, :52])
+
+
+def test_train_transform_resizes_targets_like_torchvision_with_same_seed():
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 90, 110, generator=g), torch.rand(3, 64, 128, generator=g)]
+    targets = [make_target(90, 110, generator=g), make_target(64, 128, generator=g)]
+    ours, theirs = make_pair()
+    ours.train(), theirs.train()
+    torch.manual_seed(5)
+    batch, new_targets = ours(images, targets)
+    torch.manual_seed(5)
+    expected, expected_targets = theirs(images, targets)
+    torch.testing.assert_close(batch.tensors, expected.tensors, rtol=0, atol=0)
+    assert batch.image_sizes == [tuple(s) for s in expected.image_sizes]
+    for t, e, original in zip(new_targets, expected_targets, targets):
+        for key in ("boxes", "keypoints", "masks", "labels"):
+            torch.testing.assert_close(t[key], e[key], rtol=0, atol=0)
+        assert t["boxes"] is not original["boxes"]  # inputs untouched
+    assert targets[0]["boxes"].max() < 90
+
+
+def test_training_scales_vary_and_other_fields_are_scaled():
+    ours, _ = make_pair(min_size=(64, 96), max_size=1000)
+    ours.train()
+    image = torch.rand(3, 32, 32)
+    target = {"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "labels": torch.tensor([1]),
+              "crowd_boxes": torch.tensor([[0.0, 0.0, 16.0, 8.0]]),
+              "point_coords": torch.tensor([[[8.0, 4.0]]]), "point_labels": torch.tensor([[1.0]])}
+    torch.manual_seed(0)
+    sizes = set()
+    for _ in range(20):
+        batch, (new_target,) = ours([image], [target])
+        sizes.add(batch.image_sizes[0])
+        factor = batch.image_sizes[0][0] / 32
+        torch.testing.assert_close(new_target["crowd_boxes"], target["crowd_boxes"] * factor)
+        torch.testing.assert_close(new_target["point_coords"], target["point_coords"] * factor)
+        assert torch.equal(new_target["point_labels"], target["point_labels"])
+    assert sizes == {(64, 64), (96, 96)}
+
+
+def test_instance_masks_are_resized_lazily():
+    class FakeInstanceMasks:
+        def __init__(self, size):
+            self.image_size = size
+
+        def resize(self, height, width):
+            return FakeInstanceMasks((height, width))
+
+    ours, _ = make_pair(min_size=(80,))
+    ours.train()
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": FakeInstanceMasks((40, 50))}
+    _, (new_target,) = ours([torch.rand(3, 40, 50)], [target])
+    assert new_target["masks"].image_size == (80, 100)
+    assert new_target["boxes"].shape == (0, 4)
+
+
+def test_postprocess_maps_boxes_and_keypoints_back():
+    ours, theirs = make_pair()
+    ours.eval()
+    detections = [{"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]), "keypoints": torch.tensor([[[10.0, 20.0, 1.0]]]),
+                   "scores": torch.tensor([0.9])}]
+    out = ours.postprocess(detections, [(80, 120)], [(100, 150)])
+    theirs.eval()
+    expected = theirs.postprocess([dict(d) for d in detections], [(80, 120)], [(100, 150)])
+    torch.testing.assert_close(out[0]["boxes"], expected[0]["boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(out[0]["keypoints"], expected[0]["keypoints"], rtol=0, atol=0)
+    torch.testing.assert_close(out[0]["boxes"], torch.tensor([[12.5, 25.0, 37.5, 50.0]]))
+
+
+def test_bad_images_name_the_image():
+    ours, _ = make_pair()
+    with pytest.raises(ValueError, match="image 1"):
+        ours([torch.rand(3, 10, 10), torch.rand(10, 10)])
+    with pytest.raises(TypeError, match="image 0"):
+        ours([torch.zeros(3, 10, 10, dtype=torch.uint8)])
