@@ -1,0 +1,223 @@
+"""Training checkpoints: atomic writes, the full training state, random states, stop signals.
+
+A training checkpoint is the model checkpoint of docs/design.md plus what a run needs to go on
+exactly where it stopped:
+
+    {"format": "maskrcnn/1", "model_config": {...}, "model": state_dict,
+     "config": {...}, "iteration": int (completed iterations), "optimizer": ..., "scheduler": ...,
+     "scaler": ..., "rng": [state of rank 0, state of rank 1, ...], "data_position": {...},
+     "best_metric": float | None}
+
+Everything in it is a tensor or a plain Python container, so it loads with
+`torch.load(..., weights_only=True)`.
+
+Files are written to a temporary file in the same directory, flushed, fsynced and renamed over
+the old one (`os.replace` is atomic on POSIX and Windows): a crash at any moment leaves either
+the old file or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "maskrcnn/1"
+LAST = "last.pth"
+BEST = "best.pth"
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj, path)` that never leaves a partial file at `path`.
+
+    On any error the temporary file is removed, the previous `path` (if any) is untouched and
+    the error propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory: os.replace is only atomic within one file system.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)  # makes the rename itself durable
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- random states
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch (CPU) and CUDA generator states as tensors and plain containers."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # NumPy's key array becomes a tensor so that the checkpoint loads with weights_only=True.
+        "numpy": {
+            "kind": numpy_state[0],
+            "key": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["kind"],
+        numpy_state["key"].numpy().astype(np.uint32),
+        numpy_state["pos"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+
+
+# --------------------------------------------------------------------------- training state
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (its keys have no `module.`)."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def training_state(
+    *,
+    model: nn.Module,
+    config: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    iteration: int,
+    rng: list[dict],
+    data_position: dict,
+    best_metric: float | None,
+) -> dict:
+    """The checkpoint dict of a run after `iteration` completed iterations (module docstring)."""
+    config_dict = dataclasses.asdict(config)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": config_dict["model"],
+        "model": unwrap_model(model).state_dict(),
+        "config": config_dict,
+        "iteration": int(iteration),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng,
+        "data_position": data_position,
+        "best_metric": best_metric,
+    }
+
+
+def load_training_state(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a training checkpoint, with a clear error for a file that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint {path}: expected format {CHECKPOINT_FORMAT!r}, found {found!r}")
+    missing = [key for key in ("model", "optimizer", "scheduler", "iteration") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {', '.join(missing)}: it holds weights only and cannot resume a run")
+    return checkpoint
+
+
+def restore_training_state(
+    checkpoint: dict,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
+) -> int:
+    """Load model, optimizer, scheduler, scaler and this rank's random state; returns the iteration."""
+    unwrap_model(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint.get("rng") or []
+    if rank < len(rng):
+        restore_rng_state(rng[rank])
+    return int(checkpoint["iteration"])
+
+
+# --------------------------------------------------------------------------- stop signals
+class StopSignal:
+    """Turns SIGINT / SIGTERM into a flag that the training loop polls between iterations.
+
+    The loop then saves `last.pth` and returns cleanly instead of dying mid-step. A second
+    SIGINT while the flag is set raises KeyboardInterrupt, for a user who really wants out.
+    Use as a context manager; the previous handlers come back on exit. Outside the main
+    thread signals cannot be caught, and the object only holds the flag.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # name of the first signal received
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+
+    def __enter__(self) -> StopSignal:
+        try:
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        except ValueError:  # not the main thread
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
