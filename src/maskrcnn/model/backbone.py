@@ -1,0 +1,148 @@
+"""Backbone: torchvision's ResNet body (C2-C5) and a Feature Pyramid Network (P2-P6).
+
+Feature names follow torchvision: "0", "1", "2", "3" for P2-P5 (strides 4, 8, 16, 32) and "pool"
+for P6 (stride 64, a stride-2 subsampling of P5 that only the RPN uses).
+Parameter names: `body.*` equals torchvision's `backbone.body.*`; the FPN's `lateral_convs.i` /
+`output_convs.i` are torchvision's `backbone.fpn.inner_blocks.i.0` / `layer_blocks.i.0`
+(weights.py holds the mapping).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.ops import FrozenBatchNorm2d
+
+RESNETS: dict[int, Callable[..., resnet.ResNet]] = {
+    18: resnet.resnet18,
+    34: resnet.resnet34,
+    50: resnet.resnet50,
+    101: resnet.resnet101,
+}
+# The stages that `trainable_stages` unfreezes, from the top: 1 = layer4 only, ..., 5 = everything.
+STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
+GROUP_NORM_GROUPS = 32
+
+
+def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
+    """"frozen_bn" for pretrained weights (batch statistics of a few images per GPU would be too
+    noisy to train), "bn" or "gn" (32 groups) when training from scratch."""
+    match norm:
+        case "frozen_bn":
+            return FrozenBatchNorm2d
+        case "bn":
+            return nn.BatchNorm2d
+        case "gn":
+            return lambda channels: nn.GroupNorm(GROUP_NORM_GROUPS, channels)
+        case _:
+            raise ValueError(f"backbone norm {norm!r} is not one of 'frozen_bn', 'bn', 'gn'")
+
+
+class ResNetBody(nn.Module):
+    """torchvision's ResNet without its classifier: returns C2-C5 (strides 4, 8, 16, 32)."""
+
+    def __init__(self, *, depth: int, norm: str) -> None:
+        super().__init__()
+        if depth not in RESNETS:
+            raise ValueError(f"backbone depth {depth} is not one of {sorted(RESNETS)}")
+        network = RESNETS[depth](weights=None, norm_layer=norm_layer_for(norm))
+        self.conv1, self.bn1, self.relu, self.maxpool = network.conv1, network.bn1, network.relu, network.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = network.layer1, network.layer2, network.layer3, network.layer4
+        # C2..C5 channels: 64..512 for the basic blocks of ResNet-18/34, 256..2048 for bottlenecks
+        expansion = 4 if depth >= 50 else 1
+        self.out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+
+    def freeze(self, trainable_stages: int) -> None:
+        """Keep the top `trainable_stages` stages trainable (0..5, torchvision's trainable_layers)."""
+        if not 0 <= trainable_stages <= 5:
+            raise ValueError(f"trainable_stages must be in 0..5, got {trainable_stages}")
+        trainable = list(STAGES_FROM_TOP[:trainable_stages])
+        if trainable_stages == 5:
+            trainable.append("bn1")
+        for name, parameter in self.named_parameters():
+            if not any(name.startswith(stage) for stage in trainable):
+                parameter.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+class FPN(nn.Module):
+    """Feature Pyramid Network (Lin et al. 2017): 1x1 lateral convs, top-down nearest upsampling,
+    3x3 output convs; P6 = P5 subsampled by 2."""
+
+    def __init__(self, *, in_channels: list[int], out_channels: int) -> None:
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels)
+        self.output_convs = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1) for _ in in_channels
+        )
+        for conv in [*self.lateral_convs, *self.output_convs]:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        """`features`: C2..C5, finest first. Returns P2..P6, each `[B, out_channels, H_l, W_l]`."""
+        top_down = self.lateral_convs[-1](features[-1])
+        outputs = [self.output_convs[-1](top_down)]
+        for level in range(len(features) - 2, -1, -1):
+            lateral = self.lateral_convs[level](features[level])
+            # size= rather than scale_factor=2: odd sizes upsample to the lateral's exact shape
+            top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            outputs.insert(0, self.output_convs[level](top_down))
+        # P6: kernel 1, stride 2 (a subsampling, not a real pooling), as in torchvision and detectron2
+        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
+        return outputs
+
+
+class ResNetFPN(nn.Module):
+    """ResNet body + FPN: `[B, 3, H, W]` -> {"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}."""
+
+    feature_names = ("0", "1", "2", "3", "pool")
+    strides = (4, 8, 16, 32, 64)
+
+    def __init__(
+        self,
+        *,
+        depth: int = 50,
+        norm: str = "frozen_bn",
+        trainable_stages: int = 3,
+        fpn_channels: int = 256,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = ResNetBody(depth=depth, norm=norm)
+        if weights is not None:
+            load_imagenet_weights(self.body, weights)
+        self.body.freeze(trainable_stages)
+        self.fpn = FPN(in_channels=self.body.out_channels, out_channels=fpn_channels)
+        self.out_channels = fpn_channels
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        pyramid = self.fpn(self.body(images))
+        return OrderedDict(zip(self.feature_names, pyramid))
+
+
+def load_imagenet_weights(body: ResNetBody, path: str) -> None:
+    """Load a torchvision ImageNet ResNet state dict (a local .pth: nothing is downloaded)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    # FrozenBatchNorm2d drops num_batches_tracked itself; anything else missing means a wrong file
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(
+            f"ImageNet weights {path}: do not fit a ResNet body; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
