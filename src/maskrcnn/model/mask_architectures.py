@@ -1,0 +1,218 @@
+"""Stronger mask heads (Birodkar et al. 2021, "The surprising impact of mask-head architecture
+on novel class segmentation").
+
+The paper keeps Mask R-CNN's detector and swaps the small 4-conv FCN mask head for deeper
+off-the-shelf networks: a stack of residual blocks and an hourglass (encoder-decoder with skip
+connections). Trained on ground-truth boxes, these heads segment classes that never had a mask
+in training far better than the FCN ("strong mask generalization"). The standard FCN (and the
+"deep_fcn", i.e. the FCN with more convs) live in `mask_head.py`; this file holds the two others.
+
+Both heads share the FCN's contract, so `mask_head.build_mask_head` can choose any of them by
+name:
+
+    features: Tensor  # [R, in_channels, S, S]  RoIAligned features (S = pooler resolution, 14)
+    head(features) -> Tensor  # [R, num_classes, 2S, 2S]  mask logits; the 2x upsampling is a
+                              # transposed conv 2x2 / stride 2, exactly as in the FCN
+
+`num_classes` is 1 for class-agnostic masks (what the partially supervised setting needs).
+
+Layers (parameter names): `stem` (conv3x3 in_channels -> conv_dim), `blocks` (ResidualMaskHead)
+or `hourglass` (HourglassMaskHead), `deconv` (ConvTranspose2d conv_dim -> conv_dim, 2x2, s2),
+`predictor` (conv1x1 conv_dim -> num_classes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMS = ("none", "gn", "bn")
+BLOCKS = ("bottleneck", "basic")
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "none":
+        return nn.Identity()
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    if norm == "gn":
+        # 32 groups as in GroupNorm's paper, fewer when the width does not allow it.
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, *, norm: str, stride: int = 1) -> nn.Conv2d:
+    # A bias in front of a norm layer is cancelled by the norm's mean subtraction: leave it out.
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=kernel_size // 2,
+        bias=norm == "none",
+    )
+
+
+class ResidualBlock(nn.Module):
+    """One residual block at constant width and resolution (stride 2 when `stride=2`).
+
+    "basic": conv3x3 -> norm -> ReLU -> conv3x3 -> norm, plus the input, then ReLU.
+    "bottleneck": conv1x1 (width / 4) -> conv3x3 -> conv1x1 (back to width), each with norm,
+    ReLU between them, plus the input, then ReLU. With stride 2 the shortcut is a strided
+    conv1x1 + norm so that the shapes agree.
+    """
+
+    def __init__(self, *, channels: int, block: str = "bottleneck", norm: str = "none", stride: int = 1) -> None:
+        super().__init__()
+        if block == "basic":
+            layers = [
+                _conv(channels, channels, 3, norm=norm, stride=stride),
+                _norm_layer(norm, channels),
+                nn.ReLU(inplace=True),
+                _conv(channels, channels, 3, norm=norm),
+                _norm_layer(norm, channels),
+            ]
+        elif block == "bottleneck":
+            inner = max(channels // 4, 1)
+            layers = [
+                _conv(channels, inner, 1, norm=norm),
+                _norm_layer(norm, inner),
+                nn.ReLU(inplace=True),
+                _conv(inner, inner, 3, norm=norm, stride=stride),
+                _norm_layer(norm, inner),
+                nn.ReLU(inplace=True),
+                _conv(inner, channels, 1, norm=norm),
+                _norm_layer(norm, channels),
+            ]
+        else:
+            raise ValueError(f"residual block must be one of {BLOCKS}, got {block!r}")
+        self.branch = nn.Sequential(*layers)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1:
+            self.shortcut = nn.Sequential(_conv(channels, channels, 1, norm=norm, stride=stride), _norm_layer(norm, channels))
+
+    def forward(self, x: Tensor) -> Tensor:  # [R, C, H, W] -> [R, C, H / stride, W / stride]
+        return F.relu(self.branch(x) + self.shortcut(x))
+
+
+class HourglassLevel(nn.Module):
+    """One level of an hourglass, recursive: skip path at this resolution, plus a path that goes
+    down by 2 (strided residual block), through the next level (or a bottom block), back up
+    (nearest-neighbour upsampling to the skip's exact size, so odd sizes such as 7 work), added
+    to the skip path."""
+
+    def __init__(self, *, channels: int, levels: int, block: str, norm: str) -> None:
+        super().__init__()
+        self.skip = ResidualBlock(channels=channels, block=block, norm=norm)
+        self.down = ResidualBlock(channels=channels, block=block, norm=norm, stride=2)
+        self.inner: nn.Module
+        if levels > 1:
+            self.inner = HourglassLevel(channels=channels, levels=levels - 1, block=block, norm=norm)
+        else:
+            self.inner = ResidualBlock(channels=channels, block=block, norm=norm)
+        self.up = ResidualBlock(channels=channels, block=block, norm=norm)
+
+    def forward(self, x: Tensor) -> Tensor:  # [R, C, H, W] -> [R, C, H, W]
+        low = self.up(self.inner(self.down(x)))  # [R, C, ceil(H / 2), ceil(W / 2)]
+        return self.skip(x) + F.interpolate(low, size=x.shape[-2:], mode="nearest")
+
+
+class _MaskHeadBase(nn.Module):
+    """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor, initialised like the FCN."""
+
+    def __init__(self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+        self.stem = nn.Sequential(_conv(in_channels, conv_dim, 3, norm=norm), _norm_layer(norm, conv_dim), nn.ReLU(inplace=True))
+        self.body = body
+        self.deconv = nn.ConvTranspose2d(conv_dim, conv_dim, kernel_size=2, stride=2)
+        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As the FCN head (torchvision / detectron2): kaiming normal (fan_out, ReLU), zero biases.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Each residual branch starts at zero (its last norm's scale, or its last conv when there is
+        # no norm), as torchvision's `zero_init_residual`: without it the activations' variance
+        # doubles at every block of a norm-free stack (2^20 for 20 blocks). The branch's last layer
+        # still gets gradients at the first step, so the branches start learning at once.
+        for module in self.modules():
+            if isinstance(module, ResidualBlock):
+                last = module.branch[-1] if not isinstance(module.branch[-1], nn.Identity) else module.branch[-2]
+                nn.init.zeros_(last.weight)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features: [R, in_channels, S, S] -> mask logits [R, num_classes, 2S, 2S]."""
+        x = self.body(self.stem(features))  # [R, conv_dim, S, S]
+        x = F.relu(self.deconv(x))  # [R, conv_dim, 2S, 2S]
+        return self.predictor(x)
+
+
+class ResidualMaskHead(_MaskHeadBase):
+    """A stack of `num_convs` residual blocks at the RoI resolution (the paper's "ResNet" heads).
+
+    Args:
+        in_channels: channels of the pooled RoI features (the FPN width).
+        num_classes: output channels: foreground classes, or 1 for class-agnostic masks.
+        conv_dim: width of the head.
+        num_convs: number of residual blocks (the paper goes up to dozens; 0 leaves stem + deconv).
+        norm: "none" | "gn" | "bn".
+        block: "bottleneck" (1x1-3x3-1x1, width / 4 inside) or "basic" (3x3-3x3).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        conv_dim: int,
+        num_convs: int,
+        norm: str = "none",
+        block: str = "bottleneck",
+    ) -> None:
+        if num_convs < 0:
+            raise ValueError(f"resnet mask head: num_convs (residual blocks) must be >= 0, got {num_convs}")
+        if norm not in NORMS:
+            raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+        body = nn.Sequential(*(ResidualBlock(channels=conv_dim, block=block, norm=norm) for _ in range(num_convs)))
+        super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body)
+
+
+class HourglassMaskHead(_MaskHeadBase):
+    """An hourglass (encoder-decoder with a skip connection at every resolution) of `num_convs`
+    levels: a 14 x 14 crop goes 14 -> 7 -> 4 -> 2 with three levels and back up. Each level holds
+    four residual blocks (skip, down, up, and the bottom block or the next level).
+
+    Args:
+        in_channels, num_classes, conv_dim, norm: as ResidualMaskHead.
+        num_convs: number of levels (>= 1); each one halves the resolution once.
+        block: "bottleneck" or "basic" residual blocks.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        conv_dim: int,
+        num_convs: int,
+        norm: str = "none",
+        block: str = "bottleneck",
+    ) -> None:
+        if num_convs < 1:
+            raise ValueError(f"hourglass mask head: num_convs (levels) must be >= 1, got {num_convs}")
+        if norm not in NORMS:
+            raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+        body = HourglassLevel(channels=conv_dim, levels=num_convs, block=block, norm=norm)
+        super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body)
