@@ -14,10 +14,10 @@ from maskrcnn.visualize import coco_skeleton, draw_predictions, label_color, plo
 def _prediction():
     masks = torch.zeros(2, 1, 48, 64)
     masks[0, 0, 10:30, 10:30] = 0.9
-    masks[1, 0, 5:15, 40:60] = 0.9
-    return {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 5.0, 60.0, 15.0]]),
+    masks[1, 0, 34:44, 40:60] = 0.9
+    return {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 34.0, 60.0, 44.0]]),
             "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.2]), "masks": masks,
-            "keypoints": torch.tensor([[[20.5, 10.5, 1.0], [20.5, 29.5, 1.0]], [[50.0, 5.0, 1.0], [50.0, 14.0, 1.0]]])}  # fmt: skip
+            "keypoints": torch.tensor([[[20.5, 10.5, 1.0], [20.5, 29.5, 1.0]], [[50.0, 34.0, 1.0], [50.0, 43.0, 1.0]]])}  # fmt: skip
 
 
 def test_masks_boxes_and_keypoints_are_drawn_above_the_threshold_only():
@@ -32,7 +32,7 @@ def test_masks_boxes_and_keypoints_are_drawn_above_the_threshold_only():
     # The skeleton line between the two keypoints is white.
     assert torch.equal(drawn[:, 20, 20], torch.tensor([255, 255, 255], dtype=torch.uint8))
     # The second detection (score 0.2) is not drawn at all.
-    assert torch.equal(drawn[:, 5:16, 40:61], image[:, 5:16, 40:61])
+    assert torch.equal(drawn[:, 34:45, 40:61], image[:, 34:45, 40:61])
 
 
 def test_nothing_to_draw_returns_the_image_and_float_images_are_converted():
