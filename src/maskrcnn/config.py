@@ -51,6 +51,7 @@ class RPNConfig:
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
+    crowd_ioa_thresh: float = 0.7  # background anchors this much inside a crowd box are ignored
 
 
 @dataclass
@@ -160,6 +161,8 @@ class TrainConfig:
     checkpoint_every: int = 5000
     eval_every: int = 0  # 0 = only at the end
     log_every: int = 20
+    best_metric: str = "auto"  # flat metric name kept for best.pth, e.g. "segm/AP"; auto = segm, bbox, keypoints AP
+    tensorboard: bool = True  # also write TensorBoard event files (metrics.jsonl is always written)
     init_weights: str | None = None  # a checkpoint or torchvision .pth to start from
 
 
