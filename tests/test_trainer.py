@@ -1,0 +1,225 @@
+"""The training loop: exact resume after a signal, non-finite losses, outputs of a run.
+
+The model is torchvision's MaskRCNN on a tiny backbone (same calling convention as ours), the
+data a small in-test set of rectangles, so that the tests exercise the loop, not the parts.
+"""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+from maskrcnn.config import Config, DataConfig, TrainConfig, load_config
+from maskrcnn.engine import trainer
+from maskrcnn.engine.checkpoint import load_training_state
+
+SIZE = 64
+NUM_CLASSES = 2
+
+
+def tiny_model() -> nn.Module:
+    """torchvision MaskRCNN with a 2-conv backbone and 16-channel heads (fast on a CPU)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())  # fmt: skip
+    backbone.out_channels = 16
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=SIZE, max_size=SIZE,
+        rpn_anchor_generator=AnchorGenerator(sizes=((16, 32),), aspect_ratios=((0.5, 1.0, 2.0),)),
+        rpn_batch_size_per_image=32, box_batch_size_per_image=16,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), box_head=TwoMLPHead(16 * 49, 32),
+        box_predictor=FastRCNNPredictor(32, NUM_CLASSES + 1),
+        mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), mask_head=MaskRCNNHeads(16, [16], 1),
+        mask_predictor=MaskRCNNPredictor(16, 16, NUM_CLASSES + 1),
+    )  # fmt: skip
+
+
+class Rectangles(torch.utils.data.Dataset):
+    """Deterministic images with 0-3 filled rectangles; every `empty_every`-th image has none."""
+
+    def __init__(self, count: int, *, seed: int = 0, empty_every: int = 5) -> None:
+        self.items = [self._make(np.random.default_rng([seed, i]), i, empty=(i % empty_every == empty_every - 1))
+                      for i in range(count)]  # fmt: skip
+        images = [{"id": i + 1, "width": SIZE, "height": SIZE, "file_name": f"{i}.png"} for i in range(count)]
+        annotations = []
+        for _, target in self.items:
+            for box, label, mask in zip(target["boxes"].tolist(), target["labels"].tolist(), target["masks"]):
+                rle = mask_utils.encode(np.asfortranarray(mask.numpy()))
+                x1, y1, x2, y2 = box
+                annotations.append({"id": len(annotations) + 1, "image_id": target["image_id"], "category_id": label,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask.sum()), "iscrowd": 0,
+                                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})  # fmt: skip
+        self.coco = COCO()
+        self.coco.dataset = {"images": images, "annotations": annotations,
+                             "categories": [{"id": c, "name": f"class{c}"} for c in range(1, NUM_CLASSES + 1)]}  # fmt: skip
+        self.coco.createIndex()
+        self.label_to_category_id = {c: c for c in range(1, NUM_CLASSES + 1)}
+
+    @staticmethod
+    def _make(rng: np.random.Generator, index: int, empty: bool) -> tuple[torch.Tensor, dict]:
+        image = rng.uniform(0.0, 0.3, size=(3, SIZE, SIZE)).astype(np.float32)
+        count = 0 if empty else int(rng.integers(1, 4))
+        boxes, labels, masks = [], [], []
+        for _ in range(count):
+            x1, y1 = rng.integers(0, SIZE - 20, size=2)
+            w, h = rng.integers(12, 20, size=2)
+            label = int(rng.integers(1, NUM_CLASSES + 1))
+            image[label - 1, y1:y1 + h, x1:x1 + w] = 1.0
+            mask = np.zeros((SIZE, SIZE), np.uint8)
+            mask[y1:y1 + h, x1:x1 + w] = 1
+            boxes.append([x1, y1, x1 + w, y1 + h])
+            labels.append(label)
+            masks.append(mask)
+        target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.tensor(labels, dtype=torch.int64),
+                  "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(-1, SIZE, SIZE)),
+                  "image_id": index + 1}  # fmt: skip
+        return torch.from_numpy(image), target
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        image, target = self.items[index]
+        return image.clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in target.items()}
+
+
+def simple_batches(dataset, config, context, start_iteration):
+    """Stand-in for the data loader: batch i of rank r holds items (i * world + r) * bs ... (cyclic)."""
+    batch_size = config.train.batch_size
+
+    def generate():
+        iteration = start_iteration
+        while True:
+            first = (iteration * context.world_size + context.rank) * batch_size
+            items = [dataset[(first + j) % len(dataset)] for j in range(batch_size)]
+            yield [image for image, _ in items], [target for _, target in items]
+            iteration += 1
+
+    return generate()
+
+
+class Sabotage(nn.Module):
+    """Wraps a model; at the n-th forward sends a signal to this process or poisons a loss term."""
+
+    def __init__(self, model: nn.Module, *, signal_at: int | None = None, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.inner = model
+        self.signal_at, self.nan_at, self.calls = signal_at, nan_at, 0
+
+    def forward(self, images, targets=None):
+        self.calls += 1
+        losses = self.inner(images, targets)
+        if self.calls == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled between bytecodes: this iteration completes
+        if self.calls == self.nan_at:
+            losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+        return losses
+
+
+def tiny_config(output_dir, **train) -> Config:
+    settings = dict(output_dir=str(output_dir), device="cpu", seed=3, iterations=6, batch_size=2, lr=0.02,
+                    schedule="cosine", warmup_iterations=2, warmup_factor=0.1, checkpoint_every=100,
+                    log_every=1, tensorboard=False)  # fmt: skip
+    settings.update(train)
+    return Config(train=TrainConfig(**settings), data=DataConfig(num_workers=0))
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_loader(monkeypatch):
+    monkeypatch.setattr(trainer, "build_train_batches", simple_batches)
+
+
+def _losses(output_dir):
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iteration"], {k: v for k, v in r.items() if k.startswith("loss") or k == "lr"}) for r in records]
+
+
+def test_resume_after_sigterm_ends_with_the_same_weights(tmp_path):
+    data = Rectangles(12)
+    full = trainer.train(tiny_config(tmp_path / "full", tensorboard=True), model=Sabotage(tiny_model()), train_dataset=data)
+    assert full["iteration"] == 6 and full["interrupted"] is None
+
+    config = tiny_config(tmp_path / "cut")
+    first = trainer.train(config, model=Sabotage(tiny_model(), signal_at=3), train_dataset=data)
+    assert first["interrupted"] == "SIGTERM" and first["iteration"] == 3
+    assert load_training_state(tmp_path / "cut" / "last.pth")["iteration"] == 3
+    # the resumed process builds everything afresh, from a different initialisation even
+    torch.manual_seed(123)
+    second = trainer.train(config, resume=True, model=Sabotage(tiny_model()), train_dataset=data)
+    assert second["iteration"] == 6 and second["interrupted"] is None
+
+    for name, value in full["model"].state_dict().items():
+        assert torch.equal(value, second["model"].state_dict()[name]), name
+    assert [i for i, _ in _losses(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    assert load_training_state(tmp_path / "cut" / "last.pth")["iteration"] == 6
+
+    # the outputs of a run: resolved config, metrics, TensorBoard events, final checkpoint
+    assert load_config(tmp_path / "full" / "config.yaml") == tiny_config(tmp_path / "full", tensorboard=True)
+    assert any((tmp_path / "full" / "tensorboard").iterdir())
+    saved = load_training_state(tmp_path / "full" / "last.pth")
+    assert saved["format"] == "maskrcnn/1" and saved["config"]["train"]["iterations"] == 6
+    assert saved["data_position"] == {"iteration": 6, "batch_size": 2, "world_size": 1, "seed": 3}
+
+
+def test_the_weights_actually_change_and_lr_follows_the_schedule(tmp_path):
+    initial = {k: v.clone() for k, v in tiny_model().state_dict().items()}
+    result = trainer.train(tiny_config(tmp_path), model=tiny_model(), train_dataset=Rectangles(8))
+    changed = [k for k, v in result["model"].state_dict().items() if not torch.equal(v, initial[k])]
+    assert len(changed) == len(initial)  # every parameter of the tiny model is trained
+    lrs = [losses["lr"] for _, losses in _losses(tmp_path)]
+    assert lrs[0] == pytest.approx(0.02 * 0.1 * 0.5 * (1 + np.cos(0)))
+    assert lrs[1] == pytest.approx(0.02 * 0.55 * 0.5 * (1 + np.cos(np.pi / 6)))
+
+
+def test_non_finite_loss_names_iteration_and_term_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, checkpoint_every=2)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"iteration 4: non-finite loss loss_box_reg=nan") as error:
+        trainer.train(config, model=Sabotage(tiny_model(), nan_at=4), train_dataset=Rectangles(8))
+    assert "last good checkpoint" in str(error.value) and "last.pth" in str(error.value)
+    kept = load_training_state(tmp_path / "last.pth")
+    assert kept["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert [i for i, _ in _losses(tmp_path)] == [1, 2, 3]  # nothing logged for the bad iteration
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    data = Rectangles(4)
+    trainer.train(tiny_config(tmp_path, iterations=1), model=tiny_model(), train_dataset=data)
+    config = tiny_config(tmp_path, iterations=2)
+    config.model.num_classes = 5
+    with pytest.raises(ValueError, match=r"model config differs in model\.num_classes"):
+        trainer.train(config, resume=True, model=tiny_model(), train_dataset=data)
+
+
+def test_amp_bf16_on_cpu_and_gradient_clipping_train_with_finite_losses(tmp_path):
+    result = trainer.train(tiny_config(tmp_path, iterations=2, amp=True, clip_grad_norm=0.5),
+                           model=tiny_model(), train_dataset=Rectangles(4))  # fmt: skip
+    assert result["iteration"] == 2
+    assert all(np.isfinite(v) for _, losses in _losses(tmp_path) for v in losses.values())
+
+
+def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
+    pytest.importorskip("maskrcnn.engine.evaluation")
+    data = Rectangles(4)
+    result = trainer.train(tiny_config(tmp_path, iterations=4, eval_every=2), model=tiny_model(),
+                           train_dataset=data, val_dataset=data)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "segm/AP" in r]
+    assert [r["iteration"] for r in evaluations] == [2, 4]  # every 2 iterations, not again at the end
+    best = max(evaluations, key=lambda r: r["segm/AP"])
+    assert result["best_metric"] == best["segm/AP"] and result["metrics"] == {k: v for k, v in evaluations[-1].items() if k != "iteration"}
+    assert load_training_state(tmp_path / "best.pth")["best_metric"] == best["segm/AP"]
+    assert json.loads((tmp_path / "results.json").read_text()) is not None
