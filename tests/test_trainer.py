@@ -223,3 +223,13 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
     assert result["best_metric"] == best["segm/AP"] and result["metrics"] == {k: v for k, v in evaluations[-1].items() if k != "iteration"}
     assert load_training_state(tmp_path / "best.pth")["best_metric"] == best["segm/AP"]
     assert json.loads((tmp_path / "results.json").read_text()) is not None
+
+
+def test_init_weights_from_one_of_our_checkpoints(tmp_path):
+    data = Rectangles(4)
+    first = trainer.train(tiny_config(tmp_path / "a", iterations=2), model=tiny_model(), train_dataset=data)
+    # lr 0: the second run must end exactly where its initial weights put it
+    second = trainer.train(tiny_config(tmp_path / "b", iterations=1, lr=0.0, init_weights=str(tmp_path / "a" / "last.pth")),
+                           model=tiny_model(), train_dataset=data)  # fmt: skip
+    for name, value in first["model"].state_dict().items():
+        assert torch.equal(value, second["model"].state_dict()[name]), name

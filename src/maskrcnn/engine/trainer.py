@@ -120,7 +120,9 @@ def build_datasets(config: Config, context: distributed.DistributedContext) -> t
 
 def _train_dataset_options(config: Config) -> dict:
     """Augmentation options of the training set (flip, photometric jitter, empty images)."""
-    return {"keep_empty_images": config.data.keep_empty_images}
+    data = config.data
+    return {"keep_empty_images": data.keep_empty_images, "horizontal_flip": data.horizontal_flip,
+            "color_jitter": data.color_jitter, "keypoint_flip_map": data.keypoint_flip_map}
 
 
 def build_train_batches(dataset: Any, config: Config, context: distributed.DistributedContext,
