@@ -1,0 +1,297 @@
+"""The `maskrcnn` command: demo, train, evaluate, predict, convert, check-data, points.
+
+Every subcommand has `--help`. `train` also runs under `torchrun --nproc_per_node=N -m maskrcnn
+train ...` (the trainer reads torchrun's environment). Exit codes: 0 success, 1 the command ran
+but found problems (unreadable images, data errors), 2 it could not run (bad arguments or files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's shipped recipes
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as `maskrcnn <command>: <message>`, exit code 2."""
+
+
+# --------------------------------------------------------------------------- helpers
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _read_checkpoint(path: str | Path) -> dict:
+    import torch
+
+    if not Path(path).is_file():
+        raise CommandError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a file it cannot unpickle
+        raise CommandError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CommandError(f"{path} is not a maskrcnn checkpoint (a torchvision .pth converts with `maskrcnn convert`)")
+    return checkpoint
+
+
+def _load_model(path: str | Path, device) -> tuple:
+    """(model in eval mode on `device`, the checkpoint dict)."""
+    checkpoint = _read_checkpoint(path)
+    from maskrcnn.model.weights import load_checkpoint
+
+    try:
+        model = load_checkpoint(checkpoint)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CommandError(f"cannot build the model from {path}: {error}") from None
+    return model.to(device).eval(), checkpoint
+
+
+def _shapes_paths(data: dict) -> dict:
+    from maskrcnn.data.shapes import ensure_shapes
+
+    return ensure_shapes(data["root"], num_train=data["shapes_train_images"], num_val=data["shapes_val_images"],
+                         image_size=data["shapes_image_size"], seed=data["shapes_seed"])  # fmt: skip
+
+
+def _categories(checkpoint: dict, annotations: str | None) -> list[dict] | None:
+    """The categories a model was trained on: `--annotations`, the checkpoint's own list, or the
+    training data named in its saved config (None when none of these is available)."""
+    if annotations:
+        return _read_json(annotations)["categories"]
+    if checkpoint.get("categories"):
+        return checkpoint["categories"]
+    data = (checkpoint.get("config") or {}).get("data") or {}
+    if data.get("name") == "shapes":
+        from maskrcnn.data.shapes import categories
+
+        return categories()
+    train_json = (data.get("train") or {}).get("annotations")
+    if train_json and Path(train_json).is_file():
+        return _read_json(train_json).get("categories")
+    return None
+
+
+def _read_json(path: str | Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot read {path}: {error}") from None
+
+
+def _val_files(args: argparse.Namespace, checkpoint: dict) -> tuple[Path, Path]:
+    """(annotations, images) to evaluate on: `--data`/`--images`, else the checkpoint's val set."""
+    if args.data:
+        annotations = Path(args.data)
+        images = Path(args.images) if args.images else annotations.with_suffix("")  # data/val.json -> data/val/
+        return annotations, images
+    data = (checkpoint.get("config") or {}).get("data")
+    if not data:
+        raise CommandError("the checkpoint does not say which data it was trained on: pass --data ANNOTATIONS")
+    if data["name"] == "shapes":
+        paths = _shapes_paths(data)
+        return paths["val_annotations"], paths["val_images"]
+    if not data["val"]["annotations"]:
+        raise CommandError("the checkpoint's config has no data.val.annotations: pass --data ANNOTATIONS")
+    return Path(data["val"]["annotations"]), Path(data["val"]["images"])
+
+
+# --------------------------------------------------------------------------- subcommands
+def cmd_train(args: argparse.Namespace) -> int:
+    from maskrcnn.config import load_config
+    from maskrcnn.engine.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, resume=args.resume)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items()) if k.endswith("/AP"))
+    print(f"trained to iteration {summary['iteration']} ({summary['seconds_per_iteration']:.2f} s/iteration); "
+          f"{metrics or 'no evaluation'}; checkpoint {summary['last_checkpoint']}")  # fmt: skip
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.engine.evaluation import evaluate, format_table
+
+    device = _device(args.device)
+    model, checkpoint = _load_model(args.weights, device)
+    annotations, images = _val_files(args, checkpoint)
+    dataset = CocoDataset(annotations, images)
+    out = Path(args.out) if args.out else Path(args.weights).parent / "evaluation"
+    started = time.perf_counter()
+    metrics = evaluate(model, dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
+                       results_path=out / "results.json")  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(format_table(metrics))
+    print(f"{len(dataset)} images of {annotations} in {time.perf_counter() - started:.1f} s; "
+          f"COCO results {out / 'results.json'}, metrics {out / 'metrics.json'}")  # fmt: skip
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from maskrcnn.engine.predict import predict
+
+    device = _device(args.device)
+    model, checkpoint = _load_model(args.weights, device)
+    report = predict(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
+                     score_threshold=args.score_threshold, categories=_categories(checkpoint, args.annotations))  # fmt: skip
+    for problem in report.problems:
+        print(f"maskrcnn predict: {problem}", file=sys.stderr)
+    print(f"{len(report.pictures)} images, {report.detections} detections (score >= {args.score_threshold}); "
+          f"pictures in {args.out}, COCO results {report.results_path}"
+          + (f"; {len(report.problems)} path(s) skipped" if report.problems else ""))  # fmt: skip
+    return 1 if report.problems else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from maskrcnn.model.weights import convert_torchvision
+
+    if not Path(args.source).is_file():
+        raise CommandError(f"{args.source} does not exist")
+    model = convert_torchvision(args.source, args.destination)
+    print(f"converted {args.source} -> {args.destination} ({model.config.num_classes} classes, "
+          f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled})")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from maskrcnn.config import load_config
+
+    config_path = Path(args.config) if args.config else CONFIG_DIR / "shapes_demo.yaml"
+    if not config_path.is_file():
+        raise CommandError(f"demo config {config_path} not found: pass --config PATH")
+    overrides = list(args.overrides) + ([f"train.output_dir={args.out}"] if args.out else [])
+    return run_demo(load_config(config_path, overrides), pictures=args.pictures)
+
+
+def run_demo(config, *, pictures: int = 8) -> int:
+    """Generate `shapes` if missing, train from scratch, evaluate, draw, plot, print the AP table."""
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.engine.evaluation import coco_evaluate, format_table
+    from maskrcnn.engine.predict import predict
+    from maskrcnn.engine.trainer import train
+    from maskrcnn.visualize import plot_training_curves
+
+    if config.data.name != "shapes":
+        raise CommandError(f"the demo runs on the built-in shapes data, not data.name={config.data.name!r}")
+    started = time.perf_counter()
+    paths = _shapes_paths(vars(config.data))
+    print(f"shapes data in {config.data.root} ({time.perf_counter() - started:.1f} s); training "
+          f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")  # fmt: skip
+    summary = train(config)
+    out = Path(config.train.output_dir)
+    val = CocoDataset(paths["val_annotations"], paths["val_images"])
+    # The trainer's final evaluation wrote the COCO results; score them again for the full table.
+    results = _read_json(out / "results.json")
+    iou_types = ["bbox"] + [t for t, key in (("segm", "segmentation"), ("keypoints", "keypoints"))
+                            if results and key in results[0]]  # fmt: skip
+    metrics = coco_evaluate(val.coco, results, iou_types=iou_types)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    files = sorted(Path(paths["val_images"]).glob("*.png"))[:pictures]
+    report = predict(summary["model"], files, out_dir=out / "predictions", device=next(summary["model"].parameters()).device,
+                     score_threshold=0.5, categories=val.categories)  # fmt: skip
+    curves = plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
+    minutes = (time.perf_counter() - started) / 60
+    print()
+    print(format_table(metrics))
+    print()
+    print(f"demo: {summary['iteration']} iterations at {summary['seconds_per_iteration']:.2f} s/iteration, "
+          f"{minutes:.1f} min in all; {len(val)} held-out images")
+    print(f"pictures: {out / 'predictions'} ({len(report.pictures)}), curves: {curves}, "
+          f"checkpoint: {summary['last_checkpoint']}, metrics: {out / 'metrics.json'}")  # fmt: skip
+    return 0
+
+
+def _external(module_name: str, command: str):
+    """(add_arguments, run, None) of another part's subcommand, or, when that part cannot be
+    imported, a runner that fails saying why, and the reason (shown in `--help`)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+        return module.add_arguments, module.run, None
+    except (ImportError, AttributeError) as error:
+        reason = f"{module_name} is not available in this installation ({error})"
+
+        def unavailable(args: argparse.Namespace) -> int:
+            raise CommandError(f"cannot run: {reason}")
+
+        def swallow_arguments(parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+        return swallow_arguments, unavailable, reason
+
+
+# --------------------------------------------------------------------------- the parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: detection, instance masks, keypoints.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo = add("demo", cmd_demo, "train a small model on the built-in shapes data (CPU, minutes), evaluate, draw, plot")
+    demo.add_argument("--config", help="recipe (default: configs/shapes_demo.yaml)")
+    demo.add_argument("--out", help="output folder (default: the recipe's train.output_dir)")
+    demo.add_argument("--pictures", type=int, default=8, help="held-out images to draw predictions on (default: 8)")
+    demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.iterations=100")
+
+    train = add("train", cmd_train, "train from a YAML recipe; the resolved config is saved in train.output_dir")
+    train.add_argument("config", help="YAML recipe over the defaults in maskrcnn/config.py")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=0.01")
+    train.add_argument("--resume", action="store_true", help="continue exactly from train.output_dir/last.pth")
+
+    evaluate = add("evaluate", cmd_evaluate, "COCO box / mask / keypoint AP with a per-class table, and a results JSON")
+    evaluate.add_argument("--weights", required=True, help="checkpoint (.pth) written by train or convert")
+    evaluate.add_argument("--data", help="COCO annotations JSON (default: the checkpoint's validation data)")
+    evaluate.add_argument("--images", help="image folder (default: the JSON's path without .json)")
+    evaluate.add_argument("--out", help="output folder (default: <weights folder>/evaluation)")
+    evaluate.add_argument("--batch-size", type=int, default=2)
+    evaluate.add_argument("--num-workers", type=int, default=2)
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+
+    predict = add("predict", cmd_predict, "draw predictions on images and write COCO results")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    predict.add_argument("--weights", required=True, help="checkpoint (.pth)")
+    predict.add_argument("--out", required=True, help="output folder: one PNG per image + results.json")
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
+    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    predict.add_argument("--annotations", help="COCO JSON whose categories name the labels (default: the checkpoint's)")
+
+    convert = add("convert", cmd_convert, "convert a torchvision detection .pth into a maskrcnn checkpoint")
+    convert.add_argument("source", help="torchvision state dict / model file (fasterrcnn/maskrcnn/keypointrcnn R50-FPN)")
+    convert.add_argument("destination", help="maskrcnn checkpoint to write")
+
+    for name, module, help_text in (
+        ("check-data", "maskrcnn.data.checker", "check a COCO annotation file against its images; list every problem"),
+        ("points", "maskrcnn.data.points", "simulate point annotations from masks (point supervision)"),
+    ):
+        add_arguments, run, missing = _external(module, name)
+        add_arguments(add(name, run, help_text + (f" [NOT AVAILABLE: {missing}]" if missing else "")))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from maskrcnn.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (CommandError, ConfigError) as error:
+        print(f"maskrcnn {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"maskrcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
