@@ -233,3 +233,19 @@ def test_init_weights_from_one_of_our_checkpoints(tmp_path):
                            model=tiny_model(), train_dataset=data)  # fmt: skip
     for name, value in first["model"].state_dict().items():
         assert torch.equal(value, second["model"].state_dict()[name]), name
+
+
+def test_build_datasets_generates_shapes_and_passes_the_augmentation(tmp_path):
+    pytest.importorskip("maskrcnn.data.coco")
+    config = Config(data=DataConfig(root=str(tmp_path / "shapes"), shapes_train_images=3, shapes_val_images=2,
+                                    shapes_image_size=64, horizontal_flip=0.25, color_jitter=0.1))  # fmt: skip
+    context = trainer.distributed.DistributedContext()
+    train_set, val_set = trainer.build_datasets(config, context)
+    assert (len(train_set), len(val_set)) == (3, 2)
+    assert (tmp_path / "shapes" / "train.json").is_file() and (tmp_path / "shapes" / "val.json").is_file()
+    assert (train_set.transforms.horizontal_flip, train_set.transforms.color_jitter) == (0.25, 0.1)
+    assert val_set.transforms is None  # evaluation sees the images as they are
+    image, target = train_set[0]
+    assert image.shape[1:] == (64, 64) and target["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="data.name: unknown data set 'voc'"):
+        trainer.build_datasets(Config(data=DataConfig(name="voc")), context)
