@@ -251,7 +251,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         (tests, notebooks); the datasets follow CocoDataset's item format (docs/design.md).
     Returns {"model" (unwrapped, on its device), "iteration", "interrupted" (signal name or
     None), "metrics" (last evaluation, flat), "best_metric", "last_checkpoint",
-    "best_checkpoint" (or None), "seconds_per_iteration"}.
+    "best_checkpoint" (or None), "seconds_per_iteration" (evaluation excluded), "seconds"}.
+    Under torchrun the process group stays up for the caller; `distributed.shutdown_distributed()`.
     Raises NonFiniteLossError naming the iteration and loss term(s), leaving `last.pth` as it was.
     """
     settings = config.train
@@ -300,7 +301,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
                                        best_metric=best_metric), path)  # fmt: skip
 
     def run_evaluation(iteration: int) -> dict[str, float]:
-        nonlocal best_metric
+        nonlocal best_metric, evaluation_seconds
+        evaluation_started = time.perf_counter()
         metrics = evaluate_model(model, val_dataset, config=config, device=device, context=context,
                                  results_path=output_dir / "results.json" if context.is_main else None)  # fmt: skip
         writer.write(iteration, metrics)
@@ -308,6 +310,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         if key is not None and (best_metric is None or metrics[key] > best_metric):
             best_metric = metrics[key]
             save(best_path, iteration)
+        evaluation_seconds += time.perf_counter() - evaluation_started  # not training time
         return metrics
 
     from tqdm import tqdm
@@ -318,7 +321,11 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
                     desc="train", dynamic_ncols=True)  # fmt: skip
     iteration, stopped_by, metrics = start_iteration, None, {}
     saved_at, evaluated_at = start_iteration if resume else -1, -1
-    started, timed_from = time.perf_counter(), start_iteration
+    started, timed_from, evaluation_seconds = time.perf_counter(), start_iteration, 0.0
+
+    def seconds_per_iteration() -> float:
+        return (time.perf_counter() - started - evaluation_seconds) / max(iteration - timed_from, 1)
+
     try:
         with StopSignal() as stop:
             while iteration < settings.iterations:
@@ -348,7 +355,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
                 if iteration % settings.log_every == 0 or iteration == settings.iterations:
                     values = {"lr": lr, "loss": losses.sum().item(),
                               **{name: value for name, value in zip(names, losses.tolist())}}  # fmt: skip
-                    values["seconds_per_iteration"] = (time.perf_counter() - started) / (iteration - timed_from)
+                    values["seconds_per_iteration"] = seconds_per_iteration()
                     writer.write(iteration, values)
                     progress.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()
                                           if k.startswith("loss")})  # fmt: skip
@@ -361,6 +368,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
                     stopped_by = stop.received or "a signal on another rank"
                     progress.write(f"stopped by {stopped_by} after iteration {iteration}; saved {last_path}")
                     break
+        training_speed = seconds_per_iteration()
         if stopped_by is None:
             if val_dataset is not None and evaluated_at != iteration:
                 metrics = run_evaluation(iteration)
@@ -369,7 +377,6 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     finally:
         progress.close()
         writer.close()
-    elapsed = time.perf_counter() - started
     return {
         "model": unwrap_model(model),
         "iteration": iteration,
@@ -378,7 +385,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         "best_metric": best_metric,
         "last_checkpoint": str(last_path),
         "best_checkpoint": str(best_path) if best_path.exists() else None,
-        "seconds_per_iteration": elapsed / max(iteration - timed_from, 1),
+        "seconds_per_iteration": training_speed,  # this process's iterations, evaluation excluded
+        "seconds": time.perf_counter() - started,
     }
 
 
