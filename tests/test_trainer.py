@@ -90,7 +90,8 @@ class Rectangles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key  # the training loader passes (index, augmentation seed)
         image, target = self.items[index]
         return image.clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in target.items()}
 
@@ -137,8 +138,12 @@ def tiny_config(output_dir, **train) -> Config:
 
 
 @pytest.fixture(autouse=True)
-def _stand_in_loader(monkeypatch):
-    monkeypatch.setattr(trainer, "build_train_batches", simple_batches)
+def _loader(monkeypatch):
+    """The data helper's loader (shuffled, iteration-based) where it exists, `simple_batches` before."""
+    try:
+        import maskrcnn.data.loader  # noqa: F401
+    except ImportError:
+        monkeypatch.setattr(trainer, "build_train_batches", simple_batches)
 
 
 def _losses(output_dir):
@@ -146,12 +151,16 @@ def _losses(output_dir):
     return [(r["iteration"], {k: v for k, v in r.items() if k.startswith("loss") or k == "lr"}) for r in records]
 
 
-def test_resume_after_sigterm_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_after_sigterm_ends_with_the_same_weights(tmp_path, num_workers):
     data = Rectangles(12)
-    full = trainer.train(tiny_config(tmp_path / "full", tensorboard=True), model=Sabotage(tiny_model()), train_dataset=data)
+    full_config = tiny_config(tmp_path / "full", tensorboard=True)
+    full_config.data.num_workers = num_workers
+    full = trainer.train(full_config, model=Sabotage(tiny_model()), train_dataset=data)
     assert full["iteration"] == 6 and full["interrupted"] is None
 
     config = tiny_config(tmp_path / "cut")
+    config.data.num_workers = num_workers
     first = trainer.train(config, model=Sabotage(tiny_model(), signal_at=3), train_dataset=data)
     assert first["interrupted"] == "SIGTERM" and first["iteration"] == 3
     assert load_training_state(tmp_path / "cut" / "last.pth")["iteration"] == 3
@@ -167,7 +176,7 @@ def test_resume_after_sigterm_ends_with_the_same_weights(tmp_path):
     assert load_training_state(tmp_path / "cut" / "last.pth")["iteration"] == 6
 
     # the outputs of a run: resolved config, metrics, TensorBoard events, final checkpoint
-    assert load_config(tmp_path / "full" / "config.yaml") == tiny_config(tmp_path / "full", tensorboard=True)
+    assert load_config(tmp_path / "full" / "config.yaml") == full_config
     assert any((tmp_path / "full" / "tensorboard").iterdir())
     saved = load_training_state(tmp_path / "full" / "last.pth")
     assert saved["format"] == "maskrcnn/1" and saved["config"]["train"]["iterations"] == 6
