@@ -279,7 +279,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
 
     start_iteration, best_metric = 0, None
     if resume and last_path.exists():
-        checkpoint = load_training_state(last_path, map_location=device)
+        # On the CPU: random states must be CPU tensors; load_state_dict moves the rest to the device.
+        checkpoint = load_training_state(last_path, map_location="cpu")
         _check_resumable(checkpoint, config, context, last_path)
         start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                                  scheduler=scheduler, scaler=scaler, rank=context.rank)  # fmt: skip
