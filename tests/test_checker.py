@@ -32,6 +32,7 @@ def test_reports_every_planted_problem(tmp_path):
     for severity, image_id, annotation_id, field in planted:
         assert f"{severity}: image {image_id} annotation {annotation_id} [{field}]" in out
     assert out.count("  error: ") == 8 and out.count("  warning: ") == 6
+    assert "images: 11 in the file, 8 usable (4 without annotations)" in out
     assert "1 crowd regions" in out and "  2: id 7, b: 3" in out
     assert "flip map [[1, 2]]" in out
 

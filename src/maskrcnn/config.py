@@ -131,6 +131,7 @@ class DataConfig:
     keypoint_flip_map: list[list[int]] | None = None  # [[left, right], ...]; None = from the dataset
     num_workers: int = 2
     aspect_ratio_grouping: bool = True
+    check_images: str = "header"  # "header" (open each image header: size, EXIF) | "exists" | "none"
     # shapes generator
     shapes_train_images: int = 800
     shapes_val_images: int = 200

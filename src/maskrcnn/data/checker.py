@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def format_report(dataset: CocoDataset) -> str:
     summary = dataset.summary()
     lines = [
-        f"images: {summary['images']} usable ({summary['empty_images']} without annotations)",
+        f"images: {summary['images_in_file']} in the file, {summary['images']} usable "
+        f"({summary['empty_images']} without annotations)",
         f"annotations: {summary['annotations']} instances, {summary['crowd']} crowd regions (ignored in "
         f"training, counted here), {summary['without_mask']} without a usable mask",
         "per class (label: category id, name, instances):",

@@ -441,6 +441,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.has_masks = parsed.has_masks
         self.has_points = parsed.has_points
         self.all_records = parsed.records
+        self.num_file_images = len(data["images"])
         self.records = [r for r in parsed.records if keep_empty_images or len(r.labels) > 0]
         self.dense_masks = dense_masks
         self._clean_dataset = parsed.clean_dataset
@@ -529,7 +530,7 @@ class CocoDataset(torch.utils.data.Dataset):
         keypoints = [r.keypoints for r in self.all_records if r.keypoints is not None and len(r.keypoints)]
         labelled = np.concatenate(keypoints)[..., 2] > 0 if keypoints else np.zeros((0, 0), bool)
         return {
-            "images": len(self.all_records), "images_used": len(self.records),
+            "images_in_file": self.num_file_images, "images": len(self.all_records), "images_used": len(self.records),
             "empty_images": sum(len(r.labels) == 0 for r in self.all_records),
             "annotations": int(per_class.sum()),
             "per_class": {name: int(n) for name, n in zip(self.category_names, per_class)},
