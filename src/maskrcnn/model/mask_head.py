@@ -1,0 +1,237 @@
+"""Mask head: pooled RoI features -> per-class 28 x 28 mask logits; its loss, inference and pasting.
+
+Layers of the FCN head (our name -> torchvision's name in a `maskrcnn_resnet50_fpn` state dict,
+inside `roi_heads.`):
+
+    mask_head.convs.{i}.0  -> mask_head.{i}.0                   conv3x3 C -> 256, i = 0..3
+    mask_head.convs.{i}.1  -> mask_head.{i}.1                   norm (only with norm != "none")
+    mask_head.deconv       -> mask_predictor.conv5_mask         ConvTranspose2d 256 -> 256, 2x2, s2
+    mask_head.predictor    -> mask_predictor.mask_fcn_logits    conv1x1 256 -> K + 1 (or 1)
+
+The head outputs one channel per class, background included (channel = label, as in torchvision),
+or a single channel when class-agnostic. Loss, inference and pasting are pure functions below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from maskrcnn.model.box_head import conv3x3_norm_relu
+
+MASK_ARCHITECTURES = ("fcn", "deep_fcn", "resnet", "hourglass")
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+class MaskFCNHead(nn.Module):
+    """`num_convs` x (conv3x3 + norm + ReLU), ConvTranspose 2x2 stride 2 + ReLU, conv1x1 predictor.
+
+    features: `[R, in_channels, S, S]` -> logits `[R, num_classes, 2S, 2S]` (`num_classes` output
+    channels: K + 1 per-class masks, or 1 class-agnostic).
+    """
+
+    def __init__(
+        self, *, in_channels: int, num_classes: int, conv_dim: int = 256, num_convs: int = 4, norm: str = "none"
+    ) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            *[conv3x3_norm_relu(in_channels if i == 0 else conv_dim, conv_dim, norm) for i in range(num_convs)]
+        )
+        deconv_in = conv_dim if num_convs > 0 else in_channels
+        self.deconv = nn.ConvTranspose2d(deconv_in, conv_dim, kernel_size=2, stride=2)
+        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        # torchvision's initialisation: kaiming (fan_out) weights, default biases for these two.
+        nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.predictor(F.relu(self.deconv(self.convs(features))))
+
+
+def build_mask_head(
+    *,
+    architecture: str,
+    in_channels: int,
+    num_classes: int,
+    conv_dim: int = 256,
+    num_convs: int = 4,
+    norm: str = "none",
+    class_agnostic: bool = False,
+) -> nn.Module:
+    """The mask head named by `architecture`; `num_classes` is K (foreground classes).
+
+    "fcn" is Mask R-CNN's head (num_convs = 4); "deep_fcn" is the same FCN meant to be used with
+    more convs (Birodkar et al. compare heads by depth); "resnet" and "hourglass" are the deeper
+    heads of Birodkar et al. in `mask_architectures.py`. All map `[R, C, S, S]` to
+    `[R, K + 1 or 1, 2S, 2S]`.
+    """
+    out_channels = 1 if class_agnostic else num_classes + 1
+    match architecture:
+        case "fcn" | "deep_fcn":
+            return MaskFCNHead(
+                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
+            )
+        case "resnet":
+            from maskrcnn.model.mask_architectures import ResidualMaskHead
+
+            return ResidualMaskHead(
+                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
+            )
+        case "hourglass":
+            from maskrcnn.model.mask_architectures import HourglassMaskHead
+
+            return HourglassMaskHead(
+                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
+            )
+        case _:
+            raise ValueError(f"mask_head.architecture must be one of {MASK_ARCHITECTURES}, got {architecture!r}")
+
+
+def mask_targets(
+    gt_masks: Tensor,  # [N, H, W] uint8 / bool / float, or an InstanceMasks (docs/design.md)
+    boxes: Tensor,  # [R, 4] x1y1x2y2 in the same image coordinates as the masks
+    matched_idxs: Tensor,  # [R] int64 index of each box's instance in gt_masks
+    size: int,
+    *,
+    aligned: bool = False,
+) -> Tensor:
+    """The part of each matched instance's mask under its box, resampled to `[R, size, size]`
+    floats in [0, 1] (soft at the edges).
+
+    Dense masks go through one `roi_align` call per image (each box reads the mask of its own
+    instance through the batch index); adaptive sampling (`sampling_ratio=-1`) averages over each
+    bin, as torchvision does. `aligned=False` is torchvision's convention; `aligned=True` shifts by
+    half a pixel so that a box `[x1, x2)` in continuous coordinates covers exactly its pixels.
+    Compact masks crop and resize themselves (`InstanceMasks.crop_and_resize`).
+    """
+    if not isinstance(gt_masks, Tensor):
+        return gt_masks.crop_and_resize(boxes, matched_idxs, size).to(boxes.dtype)
+    if len(boxes) == 0:
+        return boxes.new_zeros((0, size, size))
+    rois = torch.cat([matched_idxs[:, None].to(boxes.dtype), boxes], dim=1)  # [R, 5] (instance, box)
+    masks = gt_masks[:, None].to(boxes.dtype)  # [N, 1, H, W]
+    return roi_align(masks, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=aligned)[:, 0]
+
+
+def _select_class_channel(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """`[R, C, M, M]` -> `[R, M, M]`: channel `labels[r]`, or channel 0 when class-agnostic (C == 1)."""
+    channel = labels if mask_logits.shape[1] > 1 else torch.zeros_like(labels)
+    return mask_logits[torch.arange(len(labels), device=labels.device), channel]
+
+
+def mask_loss(mask_logits: Tensor, mask_targets: Tensor, labels: Tensor) -> Tensor:
+    """Mean per-pixel sigmoid BCE between the logits of each RoI's own class and its target.
+
+    mask_logits `[R, C, M, M]`, mask_targets `[R, M, M]` in [0, 1], labels `[R]` (>= 1; positive
+    RoIs only). Other classes' channels get no loss (no competition between classes, the paper's
+    key choice). Exactly 0 and connected to the graph when `R == 0`.
+    """
+    if len(labels) == 0:
+        return mask_logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(_select_class_channel(mask_logits, labels), mask_targets)
+
+
+def mask_inference(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """Probabilities `[R, 1, M, M]` of each detection's predicted class (`labels [R]`)."""
+    return _select_class_channel(mask_logits, labels).sigmoid()[:, None]
+
+
+def _bilinear_taps(pixels: Tensor, start: Tensor, length: Tensor, source_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear sampling of a `source_size`-pixel mask stretched over `[start, start + length)`
+    (continuous image coordinates) at the centres of image `pixels`: the two source indices and
+    the weight of the second, as `F.interpolate(mode="bilinear", align_corners=False)` computes
+    them (pixel centres at +0.5, clamped at the borders)."""
+    source = ((pixels.to(torch.float32) + 0.5 - start) * (source_size / length) - 0.5).clamp(0, source_size - 1)
+    first = source.floor()
+    weight = source - first
+    first = first.long()
+    return first, (first + 1).clamp(max=source_size - 1), weight
+
+
+def _mask_spans(boxes: Tensor, mask_size: int, padding: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where each padded mask lies in the image: `start [N, 2]`, `length [N, 2]` (x, y; continuous
+    coordinates) and the first / last image pixels it is pasted on, `first [N, 2]`, `last [N, 2]`."""
+    source_size = mask_size + 2 * padding
+    size = boxes[:, 2:] - boxes[:, :2]
+    if aligned:
+        # Continuous coordinates: the mask covers its box exactly, the padding one mask pixel more
+        # on each side; pixels whose centre falls between the outer mask pixel centres get a value.
+        start = boxes[:, :2] - size * (padding / mask_size)
+        length = size * (source_size / mask_size)
+        half_source_pixel = 0.5 * length / source_size
+        first = torch.ceil(start + half_source_pixel - 0.5).to(torch.int64)
+        last = torch.floor(start + length - half_source_pixel - 0.5).to(torch.int64)
+        return start, length, first, last
+    # torchvision: grow the box like the mask, truncate to integer pixels, ends inclusive.
+    centre = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+    half = size * (0.5 * source_size / mask_size)
+    first, last = (centre - half).to(torch.int64), (centre + half).to(torch.int64)
+    length = (last - first + 1).clamp(min=1)
+    return first.to(torch.float32), length.to(torch.float32), first, last
+
+
+def paste_masks(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, *, aligned: bool = False
+) -> Tensor:
+    """Paste `masks [N, 1, M, M]` (probabilities over their `boxes [N, 4]`) into `[N, 1, H, W]`.
+
+    `aligned=False` gives the numbers of torchvision's `paste_masks_in_image`: pad the mask by
+    `padding` zero pixels, grow the box by the same factor, truncate it to integer pixels
+    [x1, x2] (ends inclusive), resize the mask to that many pixels bilinearly, clip to the image.
+    The truncation moves masks by up to a pixel, which a 1-pixel object does not survive.
+    `aligned=True` works in continuous coordinates (as detectron2): the mask covers its box
+    exactly and each pixel samples it at its centre; use it with aligned RoIAlign targets.
+
+    All masks at once: bilinear resizing is separable, so each mask is first resized along x over
+    a window of columns as wide as the widest box, then each of its rows inside the image is
+    interpolated from two of those rows and written in one indexed copy. The work grows with the
+    pasted area, not with N * H * W; there is no Python loop over masks.
+    """
+    num_masks, height, width = len(masks), *image_size
+    device, dtype = masks.device, masks.dtype
+    if device.type == "cpu" and dtype in _NUMPY_FLOATS:
+        # numpy.zeros gets its memory from calloc: the kernel hands out zero pages lazily, so the
+        # (mostly empty) image area outside the boxes is never written, where torch.zeros would
+        # write all N * H * W values first. It is an ordinary tensor afterwards.
+        pasted = torch.from_numpy(np.zeros((num_masks, 1, height, width), dtype=_NUMPY_FLOATS[dtype]))
+    else:
+        pasted = torch.zeros((num_masks, 1, height, width), dtype=dtype, device=device)
+    if num_masks == 0:
+        return pasted
+
+    source_size = masks.shape[-1] + 2 * padding
+    padded = F.pad(masks[:, 0], (padding,) * 4).to(torch.float32)  # [N, P, P]
+    start, length, first, last = _mask_spans(boxes.to(torch.float32), masks.shape[-1], padding, aligned)
+    first = first.clamp(min=0)
+    last = torch.minimum(last, torch.tensor([width - 1, height - 1], device=device))
+    num_inside = (last - first + 1).clamp(min=0)  # [N, 2] pasted columns, rows
+    window, num_rows = int(num_inside[:, 0].max()), int(num_inside[:, 1].sum())
+    if window == 0 or num_rows == 0:
+        return pasted
+
+    # 1. Along x, over `window` image columns per mask (zero outside the span): [N, P, window].
+    cols = first[:, :1].clamp(max=width - window) + torch.arange(window, device=device)  # [N, window]
+    left, right, weight_x = _bilinear_taps(cols, start[:, :1], length[:, :1], source_size)
+    inside = ((cols >= first[:, :1]) & (cols <= last[:, :1])).to(torch.float32)
+
+    def columns(index: Tensor) -> Tensor:  # [N, window] -> [N, P, window]
+        return padded.gather(2, index[:, None, :].expand(-1, source_size, -1))
+
+    resized_x = ((1 - weight_x)[:, None] * columns(left) + weight_x[:, None] * columns(right)) * inside[:, None]
+
+    # 2. Along y, only for the rows inside the image: pasted row k belongs to mask owner[k].
+    rows_per_mask = num_inside[:, 1]
+    owner = torch.repeat_interleave(torch.arange(num_masks, device=device), rows_per_mask)  # [num_rows]
+    row_in_mask = torch.arange(num_rows, device=device) - (rows_per_mask.cumsum(0) - rows_per_mask)[owner]
+    rows = first[owner, 1] + row_in_mask  # image row of each pasted row
+    top, bottom, weight_y = _bilinear_taps(rows, start[owner, 1], length[owner, 1], source_size)
+    resized_rows = resized_x.reshape(num_masks * source_size, window)
+    top_rows = resized_rows[owner * source_size + top]  # [num_rows, window]
+    bottom_rows = resized_rows[owner * source_size + bottom]
+    values = (1 - weight_y)[:, None] * top_rows + weight_y[:, None] * bottom_rows
+
+    pasted.view(num_masks * height, width)[(owner * height + rows)[:, None], cols[owner]] = values.to(dtype)
+    return pasted
