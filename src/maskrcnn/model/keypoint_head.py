@@ -1,0 +1,154 @@
+"""Keypoint head: pooled RoI features -> one 56 x 56 heatmap per keypoint; its loss and decoding.
+
+Layers (our name -> torchvision's name in a `keypointrcnn_resnet50_fpn` state dict, inside
+`roi_heads.`):
+
+    keypoint_head.convs.{i}  -> keypoint_head.{2 * i}                  conv3x3 C -> 512, i = 0..7
+    keypoint_head.deconv     -> keypoint_predictor.kps_score_lowres    ConvTranspose2d 512 -> K, 4x4, s2
+
+Each keypoint's heatmap is a 56^2-way classification ("which cell holds keypoint k"), trained
+with softmax cross-entropy over the cells (He et al. 2017, section 5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KeypointHead(nn.Module):
+    """`num_convs` x (conv3x3 + ReLU), ConvTranspose 4x4 stride 2, then 2x bilinear upsampling.
+
+    features: `[R, in_channels, S, S]` -> heatmap logits `[R, num_keypoints, 4S, 4S]`.
+    """
+
+    def __init__(self, *, in_channels: int, num_keypoints: int, conv_dim: int = 512, num_convs: int = 8) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, kernel_size=3, padding=1) for i in range(num_convs)
+        )
+        deconv_in = conv_dim if num_convs > 0 else in_channels
+        self.deconv = nn.ConvTranspose2d(deconv_in, num_keypoints, kernel_size=4, stride=2, padding=1)
+        for layer in [*self.convs, self.deconv]:
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = features
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        x = self.deconv(x)  # [R, K, 2S, 2S]
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+
+
+def keypoint_targets(keypoints: Tensor, rois: Tensor, heatmap_size: int) -> tuple[Tensor, Tensor]:
+    """Where each ground-truth keypoint falls on its RoI's heatmap.
+
+    keypoints `[R, K, 3]` (x, y, visibility; continuous image coordinates) of the instance each
+    RoI `[R, 4]` is matched to. Returns `targets [R, K]` int64, the flat index `y * size + x` of
+    the heatmap cell, and `valid [R, K]` bool: labelled (v > 0) and inside the RoI. A keypoint
+    exactly on the RoI's right / bottom edge goes to the last cell (as torchvision does).
+    """
+    start = rois[:, None, :2]  # [R, 1, 2]
+    end = rois[:, None, 2:]
+    scale = heatmap_size / (end - start)
+    xy = keypoints[..., :2]
+    cell = ((xy - start) * scale).floor().long()  # [R, K, 2]
+    cell = torch.where(xy == end, torch.full_like(cell, heatmap_size - 1), cell)
+    inside = ((cell >= 0) & (cell < heatmap_size)).all(dim=-1)
+    valid = inside & (keypoints[..., 2] > 0)
+    targets = torch.where(valid, cell[..., 1] * heatmap_size + cell[..., 0], torch.zeros_like(cell[..., 0]))
+    return targets, valid
+
+
+def keypoint_loss(keypoint_logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Softmax cross-entropy over the `S * S` heatmap cells, averaged over the valid keypoints.
+
+    keypoint_logits `[R, K, S, S]`, targets / valid `[R, K]` from `keypoint_targets`. Keypoints
+    that are not labelled or fall outside their RoI add nothing; with none valid the loss is
+    exactly 0 and connected to the graph.
+    """
+    if not valid.any():
+        return keypoint_logits.sum() * 0
+    num_rois, num_keypoints, height, width = keypoint_logits.shape
+    logits = keypoint_logits.reshape(num_rois * num_keypoints, height * width)
+    flat_valid = valid.reshape(-1)
+    return F.cross_entropy(logits[flat_valid], targets.reshape(-1)[flat_valid])
+
+
+def _cubic_taps(output_size: Tensor, window: int, input_size: int) -> tuple[Tensor, list[Tensor]]:
+    """Bicubic resampling of `input_size` pixels to `output_size [R]` pixels (align_corners=False,
+    A = -0.75, clamped borders: F.interpolate's bicubic), for output pixels `0..window-1`.
+    Returns the first of the 4 source indices `[R, window]` and the 4 weights (each `[R, window]`),
+    computed in the same order as PyTorch so that the argmax agrees with torchvision's."""
+    a = -0.75
+    scale = input_size / output_size.to(torch.float32)  # [R]
+    pixels = torch.arange(window, device=output_size.device, dtype=torch.float32)
+    source = scale[:, None] * (pixels + 0.5) - 0.5  # no clamp for bicubic
+    first = source.floor()
+    t = source - first
+
+    def near(x: Tensor) -> Tensor:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: Tensor) -> Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return first.long() - 1, [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+
+
+def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+    """Keypoint positions and scores from heatmap logits, for all RoIs at once.
+
+    heatmaps `[R, K, S, S]`, rois `[R, 4]` x1y1x2y2 (continuous coordinates). Each heatmap is
+    resized bicubically to its RoI's size in whole pixels (ceil of width and height); the argmax
+    cell's centre (+0.5: a cell covers [i, i + 1)) is mapped back into the RoI. Returns keypoints
+    `[R, K, 3]` (x, y, 1) and scores `[R, K]` (the resized logit at the argmax). Equal to
+    torchvision's `heatmaps_to_keypoints`, which resizes one RoI at a time.
+
+    The resize is separable: along x, then along y, over a window as large as the largest RoI
+    (cells beyond a RoI's own size are masked out), one keypoint channel at a time to bound memory.
+    """
+    num_rois, num_keypoints, size = heatmaps.shape[0], heatmaps.shape[1], heatmaps.shape[-1]
+    device = heatmaps.device
+    keypoints = torch.zeros((num_rois, num_keypoints, 3), dtype=torch.float32, device=device)
+    scores = torch.zeros((num_rois, num_keypoints), dtype=torch.float32, device=device)
+    if num_rois == 0:
+        return keypoints, scores
+
+    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
+    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
+    out_w, out_h = widths.ceil().long(), heights.ceil().long()  # [R] resized heatmap sizes
+    window_w, window_h = int(out_w.max()), int(out_h.max())
+    first_x, weights_x = _cubic_taps(out_w, window_w, size)  # [R, window_w]
+    first_y, weights_y = _cubic_taps(out_h, window_h, size)
+    outside = (torch.arange(window_h, device=device)[None, :, None] >= out_h[:, None, None]) | (
+        torch.arange(window_w, device=device)[None, None, :] >= out_w[:, None, None]
+    )  # [R, window_h, window_w]
+
+    maps = heatmaps.to(torch.float32)
+    best_index = torch.zeros((num_rois, num_keypoints), dtype=torch.int64, device=device)
+    for k in range(num_keypoints):  # one channel at a time: memory R * window_h * window_w
+        channel = maps[:, k]  # [R, S, S]
+        resized_x = sum(
+            weight[:, None, :]
+            * channel.gather(2, (first_x + tap).clamp(0, size - 1)[:, None, :].expand(-1, size, -1))
+            for tap, weight in enumerate(weights_x)
+        )  # [R, S, window_w]
+        resized = sum(
+            weight[:, :, None]
+            * resized_x.gather(1, (first_y + tap).clamp(0, size - 1)[:, :, None].expand(-1, -1, window_w))
+            for tap, weight in enumerate(weights_y)
+        )  # [R, window_h, window_w]
+        resized = resized.masked_fill(outside, float("-inf")).flatten(1)
+        best_index[:, k] = resized.argmax(dim=1)  # the first maximum in row-major order, as torchvision
+        scores[:, k] = resized.gather(1, best_index[:, k, None])[:, 0]
+
+    best_y = torch.div(best_index, window_w, rounding_mode="floor")
+    best_x = best_index - best_y * window_w
+    # Cell centres (+0.5), scaled back from whole pixels to the RoI's true size.
+    keypoints[..., 0] = (best_x.float() + 0.5) * (widths / out_w)[:, None] + rois[:, 0, None]
+    keypoints[..., 1] = (best_y.float() + 0.5) * (heights / out_h)[:, None] + rois[:, 1, None]
+    keypoints[..., 2] = 1
+    return keypoints, scores
