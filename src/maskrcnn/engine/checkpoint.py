@@ -18,11 +18,13 @@ the old file or the new one, never half a file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,20 @@ def restore_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(states)
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Run a block without moving the global random generators (Python, NumPy, torch, CUDA).
+
+    Anything that draws from them outside the loss computation (a DataLoader's base seed,
+    evaluation) would otherwise shift the training stream and break exact resume.
+    """
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
 
 
 # --------------------------------------------------------------------------- training state

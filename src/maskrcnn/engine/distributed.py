@@ -74,6 +74,19 @@ def init_distributed(device_type: str) -> DistributedContext:
     return context
 
 
+def select_device(name: str, context: DistributedContext) -> torch.device:
+    """"auto" = CUDA when available (this process's LOCAL_RANK GPU under torchrun), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", context.local_rank)
+    return device
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

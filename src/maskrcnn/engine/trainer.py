@@ -12,7 +12,7 @@ Exact resume: the checkpoint holds the model, optimizer, scheduler, scaler, the 
 completed iterations, every rank's random state and the data position; the loader restarts at
 that iteration, so a resumed run computes the same iterations as an uninterrupted one
 (bitwise on the CPU). Nothing outside the loss computation may draw from the global random
-generators for that to hold, hence the `_rng_preserved` blocks around loader start-up and
+generators for that to hold, hence the `rng_preserved` blocks around loader start-up and
 evaluation.
 
 Iteration numbers in messages, metrics and checkpoints count completed iterations (1-based):
@@ -21,7 +21,6 @@ Iteration numbers in messages, metrics and checkpoints count completed iteration
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -43,8 +42,8 @@ from maskrcnn.engine.checkpoint import (
     atomic_save,
     capture_rng_state,
     load_training_state,
-    restore_rng_state,
     restore_training_state,
+    rng_preserved,
     training_state,
     unwrap_model,
 )
@@ -55,33 +54,10 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the iteration and the term(s)."""
 
 
-def select_device(name: str, context: distributed.DistributedContext) -> torch.device:
-    """"auto" = CUDA when available (this process's LOCAL_RANK GPU under torchrun), else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
-        if device.index is None:
-            device = torch.device("cuda", context.local_rank)
-    return device
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-@contextlib.contextmanager
-def _rng_preserved() -> Iterator[None]:
-    """Run a block without moving the global random generators (see the module docstring)."""
-    state = capture_rng_state()
-    try:
-        yield
-    finally:
-        restore_rng_state(state)
 
 
 def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
@@ -168,7 +144,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: to
     model = unwrap_model(model)
     model.eval()
     try:
-        with _rng_preserved(), torch.no_grad():
+        with rng_preserved(), torch.no_grad():
             metrics = evaluate(
                 model, dataset, device=device, batch_size=config.train.batch_size,
                 class_groups=_class_groups(config), results_path=results_path,
@@ -256,8 +232,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     Raises NonFiniteLossError naming the iteration and loss term(s), leaving `last.pth` as it was.
     """
     settings = config.train
-    context = distributed.init_distributed(select_device(settings.device, distributed.DistributedContext()).type)
-    device = select_device(settings.device, context)
+    context = distributed.init_distributed(distributed.select_device(settings.device, distributed.DistributedContext()).type)
+    device = distributed.select_device(settings.device, context)
     output_dir = Path(settings.output_dir)
     last_path, best_path = output_dir / LAST, output_dir / BEST
     if context.is_main:
@@ -289,7 +265,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         seed_everything(settings.seed + 1000 * context.rank)  # per-rank sampling of anchors and RoIs
     model = distributed.wrap_model(model, context, device)
     model.train()
-    with _rng_preserved():  # a DataLoader draws its base seed from the global generator
+    with rng_preserved():  # a DataLoader draws its base seed from the global generator
         batches = build_train_batches(train_dataset, config, context, start_iteration)
 
     def save(path: Path, iteration: int) -> None:
