@@ -97,13 +97,28 @@ def torchvision_mask_rcnn(config: ModelConfig) -> MaskRCNN:
     return model
 
 
+class DenseMasks(nn.Module):
+    """Hands torchvision dense `uint8 [N, H, W]` masks: its transform indexes them as a tensor,
+    where our model takes the data's compact InstanceMasks as they come."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        if targets is not None:
+            targets = [{**t, "masks": t["masks"].to_tensor().to(images[0].device)}
+                       if "masks" in t and not isinstance(t["masks"], torch.Tensor) else t for t in targets]  # fmt: skip
+        return self.model(images, targets)
+
+
 def run(name: str, config: Config, *, torchvision_model: bool) -> dict:
     from maskrcnn.engine.trainer import seed_everything, train
 
     config = copy.deepcopy(config)
     config.train.output_dir = str(Path(config.train.output_dir) / name)
     seed_everything(config.train.seed)
-    model = torchvision_mask_rcnn(config.model) if torchvision_model else None
+    model = DenseMasks(torchvision_mask_rcnn(config.model)) if torchvision_model else None
     started = time.perf_counter()
     summary = train(config, model=model)
     minutes = (time.perf_counter() - started) / 60
