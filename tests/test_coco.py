@@ -267,3 +267,42 @@ def test_shapes_round_trip_gives_ap_one(tmp_path):
         evaluator.accumulate()
         evaluator.summarize()
         assert evaluator.stats[0] == pytest.approx(1.0), iou_type
+
+
+def _one_image(tmp_path, annotations, categories=None):
+    folder = tmp_path / "one"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(folder / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": H, "width": W}], "annotations": annotations,
+            "categories": categories or [{"id": 1, "name": "x"}]}
+    return data, folder
+
+
+def test_missing_bbox_taken_from_compressed_rle(tmp_path):
+    mask = np.zeros((H, W), np.uint8)
+    mask[3:9, 4:20] = 1
+    data, folder = _one_image(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _rle(mask)}])
+    with pytest.warns(UserWarning, match="1 annotation problems"):
+        dataset = CocoDataset(data, folder)
+    assert [(p.severity, p.field) for p in dataset.problems] == [("warning", "bbox")]
+    torch.testing.assert_close(dataset[0][1]["boxes"], torch.tensor([[4.0, 3.0, 20.0, 9.0]]))
+    assert dataset.coco.anns[1]["bbox"] == [4.0, 3.0, 16.0, 6.0]  # evaluation sees the repaired box
+
+
+def test_detection_only_file_has_no_masks_and_dense_option(tmp_path):
+    data, folder = _one_image(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}])
+    _, target = CocoDataset(data, folder)[0]
+    assert "masks" not in target and "keypoints" not in target and "point_coords" not in target
+    data["annotations"][0]["segmentation"] = [[1, 2, 4, 2, 4, 6]]
+    _, dense = CocoDataset(data, folder, dense_masks=True)[0]
+    assert dense["masks"].dtype == torch.uint8 and dense["masks"].shape == (1, H, W)
+    np.testing.assert_array_equal(dense["masks"][0].numpy(), mask_utils.decode(mask_utils.frPyObjects([[1, 2, 4, 2, 4, 6]], H, W))[..., 0])
+
+
+def test_flip_map_sources(tmp_path):
+    person = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder"]
+    data, folder = _one_image(tmp_path, [], [{"id": 1, "name": "person", "keypoints": person}])
+    assert CocoDataset(data, folder).keypoint_flip_map == [[1, 2], [3, 4], [5, 6]]
+    assert CocoDataset(data, folder, keypoint_flip_map=[[3, 4]]).keypoint_flip_map == [[3, 4]]
+    data["categories"][0]["keypoint_flip_map"] = [[5, 6]]
+    assert CocoDataset(data, folder).keypoint_flip_map == [[5, 6]]

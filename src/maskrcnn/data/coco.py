@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
-from maskrcnn.data.masks import InstanceMasks
+from maskrcnn.data.masks import InstanceMasks, compress_rle
 
 _EXIF_ORIENTATION = 0x0112
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
@@ -200,8 +200,11 @@ def _clean_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any
 
 
 def _segmentation_box(segmentation: Any, height: int, width: int) -> np.ndarray:
-    rle = mask_utils.frPyObjects(segmentation, height, width)
-    rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
+    """COCO [x, y, w, h] of the mask's pixels."""
+    if isinstance(segmentation, dict):
+        rle = compress_rle(segmentation, height, width)
+    else:
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     return mask_utils.toBbox(rle).astype(np.float64)
 
 

@@ -23,7 +23,7 @@ from torchvision.ops import roi_align
 _CHUNK = 16
 
 
-def _compress_rle(rle: dict, height: int, width: int) -> dict:
+def compress_rle(rle: dict, height: int, width: int) -> dict:
     """COCO RLE (compressed str/bytes counts, or uncompressed list counts) -> compressed, bytes counts."""
     if isinstance(rle.get("counts"), list):
         return mask_utils.frPyObjects(rle, height, width)
@@ -51,7 +51,7 @@ class InstanceMasks:
         self._rles: list[dict | None] = []
         for index, segmentation in enumerate(segmentations):
             if isinstance(segmentation, dict):
-                rle = _compress_rle(segmentation, height, width)
+                rle = compress_rle(segmentation, height, width)
                 if tuple(rle["size"]) != (height, width):
                     raise ValueError(f"instance {index}: RLE size {rle['size']} differs from the image size {(height, width)}")
                 self._polygons.append(None)
