@@ -64,11 +64,14 @@ class BoxHeadConfig:
     sampling_ratio: int = 2
     aligned: bool = False  # torchvision's MultiScaleRoIAlign uses aligned=False
     num_convs: int = 0  # 0 = Mask R-CNN's "2fc" head; >0 adds conv3x3 layers before the FC layers
+    conv_dim: int = 256  # width of those conv layers
+    norm: str = "none"  # "none" | "gn" | "bn" after each of those conv layers
     fc_dim: int = 1024
     bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    crowd_ioa_thresh: float = 0.7  # background proposals this much inside a crowd box are ignored
 
 
 @dataclass
@@ -77,8 +80,11 @@ class MaskHeadConfig:
     architecture: str = "fcn"  # "fcn" | "deep_fcn" | "resnet" | "hourglass"
     num_convs: int = 4  # conv layers (fcn/deep_fcn), residual blocks (resnet), levels (hourglass)
     conv_dim: int = 256
+    norm: str = "none"  # "none" | "gn" | "bn" after each conv layer of the head
     pooler_resolution: int = 14  # RoI crop; the mask is 2x this (28 x 28)
     sampling_ratio: int = 2
+    # RoIAlign's half-pixel shift for the mask pooler, the mask targets and pasting: True is exact in
+    # continuous coordinates (a 1-pixel object survives); False reproduces torchvision.
     aligned: bool = False
     class_agnostic: bool = False
     # Birodkar et al. 2021: which boxes train the mask head, and which classes have masks
