@@ -117,7 +117,8 @@ def test_torchvision_mask_rcnn_runs_through_predict(tmp_path):
 
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    model = MaskRCNN(backbone, num_classes=3, min_size=64, max_size=64, box_score_thresh=0.0)
+    model = MaskRCNN(backbone, num_classes=3, min_size=64, max_size=64, box_score_thresh=0.0,
+                     rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=5)
     folder = _folder(tmp_path)
     report = predict(model, [folder], out_dir=tmp_path / "o", device="cpu", score_threshold=0.0, categories=CATEGORIES)
     results = json.loads(report.results_path.read_text())
