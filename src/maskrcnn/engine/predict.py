@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from maskrcnn.data.coco import decode_image  # the same decoding as training and evaluation
 from maskrcnn.engine.evaluation import predictions_to_coco
 from maskrcnn.visualize import coco_skeleton, draw_predictions, save_png
 
@@ -45,24 +45,6 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]
         else:
             problems.append(f"{path}: no such file or folder")
     return images, problems
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file -> `float32 [3, H, W]` in 0-1, upright (EXIF orientation applied).
-
-    Grayscale, palette and RGBA images become RGB (alpha dropped); 16-bit and 32-bit integer
-    images are scaled by their type's range, so that 65535 maps to 1.
-    """
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image).astype(np.float32) / (65535.0 if image.mode.startswith("I;16") else 2**31 - 1)
-            return torch.from_numpy(np.clip(array, 0.0, 1.0)).expand(3, -1, -1).clone()
-        if image.mode == "F":
-            array = np.asarray(image, dtype=np.float32)
-            return torch.from_numpy(np.clip(array, 0.0, 1.0)).expand(3, -1, -1).clone()
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def _unique_picture_name(path: Path, taken: set[str]) -> str:
@@ -114,7 +96,7 @@ def predict(
             batch: list[tuple[Path, torch.Tensor]] = []
             for path in images[start : start + batch_size]:
                 try:
-                    batch.append((path, read_image(path)))
+                    batch.append((path, decode_image(path)))
                 except (UnidentifiedImageError, OSError, ValueError) as error:
                     report.problems.append(f"{path}: cannot read image ({error})")
             if not batch:
