@@ -258,3 +258,16 @@ def test_build_datasets_generates_shapes_and_passes_the_augmentation(tmp_path):
     assert image.shape[1:] == (64, 64) and target["boxes"].shape[1] == 4
     with pytest.raises(ValueError, match="data.name: unknown data set 'voc'"):
         trainer.build_datasets(Config(data=DataConfig(name="voc")), context)
+
+
+def test_init_weights_that_do_not_fit_are_a_clear_error(tmp_path):
+    data = Rectangles(4)
+    trainer.train(tiny_config(tmp_path / "a", iterations=1), model=tiny_model(), train_dataset=data)
+    other = tiny_model()
+    other.roi_heads.box_predictor = FastRCNNPredictor(32, NUM_CLASSES + 3)  # more classes than the checkpoint
+    config = tiny_config(tmp_path / "b", iterations=1, init_weights=str(tmp_path / "a" / "last.pth"))
+    with pytest.raises(ValueError, match=r"train.init_weights: .*last.pth does not fit the configured model"):
+        trainer.train(config, model=other, train_dataset=data)
+    config.train.init_weights = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="train.init_weights: .*missing.pth does not exist"):
+        trainer.train(config, model=tiny_model(), train_dataset=data)

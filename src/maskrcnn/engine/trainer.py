@@ -37,6 +37,7 @@ from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import (
     BEST,
+    CHECKPOINT_FORMAT,
     LAST,
     StopSignal,
     atomic_save,
@@ -122,14 +123,22 @@ def build_model_from_config(config: Config) -> nn.Module:
 
 def _load_initial_weights(model: nn.Module, path: str) -> None:
     """`train.init_weights`: one of our checkpoints, or a torchvision detection .pth."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict) and "format" in checkpoint:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"train.init_weights: {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a plain state file: from_torchvision gives the precise message
+        checkpoint = None
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
         state = checkpoint["model"]
     else:
         from maskrcnn.model.weights import from_torchvision
 
         state = from_torchvision(path).state_dict()
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"train.init_weights: {path} does not fit the configured model: {error}") from None
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: torch.device,
