@@ -80,7 +80,7 @@ class ImageRecord:
     apply_exif: bool = True
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [N,4] x1y1x2y2
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [N] 1..K
-    segmentations: list = field(default_factory=list)  # N polygon lists / RLE dicts ([] = none)
+    masks: InstanceMasks | None = None  # N compact masks, built once here (immutable, shared by items)
     has_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N]
     keypoints: np.ndarray | None = None  # [N, K, 3] continuous x, y, v
     point_coords: np.ndarray | None = None  # [N, P, 2]
@@ -209,19 +209,19 @@ def _segmentation_box(segmentation: Any, height: int, width: int) -> np.ndarray:
 
 
 def _keypoints(values: Any, count: int) -> tuple[np.ndarray, str | None]:
-    """[K, 3] continuous x, y, v from COCO's flat integer list (+0.5: pixel index -> centre)."""
+    """[K, 3] x, y, v as COCO stores them (pixel indices; the +0.5 is applied per image)."""
     empty = np.zeros((count, 3), np.float32)
     if values is None:
         return empty, None
-    array = np.asarray(values, dtype=np.float64) if isinstance(values, list) else np.zeros(0)
-    if array.shape != (3 * count,) or not np.isfinite(array).all():
-        return empty, f"expected {3 * count} numbers ({count} keypoints x 3), got {np.shape(values) or type(values).__name__}: all keypoints unlabelled"
-    array = array.reshape(count, 3)
-    if not np.isin(array[:, 2], (0, 1, 2)).all():
-        return empty, f"visibility flags {array[:, 2].tolist()} not in 0/1/2: all keypoints unlabelled"
-    labelled = array[:, 2:] > 0
-    array[:, :2] = np.where(labelled, array[:, :2] + 0.5, 0.0)
-    return array.astype(np.float32), None
+    # plain Python checks: this runs once per annotation, and numpy calls on 51 numbers cost more
+    if not isinstance(values, list) or len(values) != 3 * count or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        return empty, f"expected {3 * count} numbers ({count} keypoints x 3), got {got}: all keypoints unlabelled"
+    flags = values[2::3]
+    if any(flag not in (0, 1, 2) for flag in flags):
+        return empty, f"visibility flags {flags} not in 0/1/2: all keypoints unlabelled"
+    return np.array(values, dtype=np.float32).reshape(count, 3), None
 
 
 def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
@@ -329,12 +329,12 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
         if w <= 0 or h <= 0:
             skip("bbox", f"zero or negative size {bbox!r}")
             continue
-        box = np.array([x, y, x + w, y + h])
-        clipped = np.clip(box, 0, [width, height, width, height])
+        box = (x, y, x + w, y + h)
+        clipped = (min(max(x, 0.0), width), min(max(y, 0.0), height), min(x + w, width), min(y + h, height))
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
             skip("bbox", f"{bbox!r} lies outside the {width}x{height} image")
             continue
-        if not np.array_equal(clipped, box):
+        if clipped != box:
             repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped")
         for note in notes:
             repair("segmentation", note)
@@ -371,7 +371,7 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
     for image_id, record in records.items():
         found = instances[image_id]
         if crowds[image_id]:
-            record.crowd_boxes = np.stack(crowds[image_id]).astype(np.float32)
+            record.crowd_boxes = np.array(crowds[image_id], np.float32).reshape(-1, 4)
         if num_keypoints:
             record.keypoints = np.zeros((0, num_keypoints, 3), np.float32)
         if has_points:
@@ -380,12 +380,16 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
             continue
         ids, boxes, labels, segmentations, has_mask, keypoints, coords, point_labels = zip(*found)
         record.annotation_ids = list(ids)
-        record.boxes = np.stack(boxes).astype(np.float32)
+        record.boxes = np.array(boxes, np.float32).reshape(-1, 4)
         record.labels = np.array(labels, np.int64)
-        record.segmentations = list(segmentations)
+        if has_masks:
+            record.masks = InstanceMasks(list(segmentations), image_size=(record.height, record.width))
         record.has_mask = np.array(has_mask, bool)
         if num_keypoints:
-            record.keypoints = np.stack(keypoints)
+            record.keypoints = np.stack(keypoints)  # [N, K, 3]
+            # COCO pixel index -> continuous pixel centre; unlabelled keypoints (v = 0) sit at 0
+            labelled = record.keypoints[..., 2:] > 0
+            record.keypoints[..., :2] = np.where(labelled, record.keypoints[..., :2] + 0.5, 0.0)
         if has_points:  # pad to the image's largest count; label -1 marks padding
             most = max(len(c) for c in coords)
             record.point_coords = np.zeros((len(found), most, 2), np.float32)
@@ -495,7 +499,7 @@ class CocoDataset(torch.utils.data.Dataset):
             "image_id": record.image_id,
         }
         if self.has_masks:
-            masks = InstanceMasks(record.segmentations, image_size=(record.height, record.width))
+            masks = record.masks if record.masks is not None else InstanceMasks([], image_size=(record.height, record.width))
             target["masks"] = masks.to_tensor() if self.dense_masks else masks
             if not record.has_mask.all():
                 target["has_mask"] = torch.from_numpy(record.has_mask)
