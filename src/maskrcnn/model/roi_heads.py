@@ -1,0 +1,364 @@
+"""RoI heads: sample proposals, pool their features, and run the box, mask and keypoint heads.
+
+`RoIHeads.forward` is the dispatch: `_forward_box`, `_forward_mask`, `_forward_keypoint`. The
+layers live in `box_head.py`, `mask_head.py` and `keypoint_head.py` beside their losses and
+inference functions. The numbers (matching, sampling order, pooling, losses, detections) equal
+torchvision's `RoIHeads` on the same weights, features, proposals and seed.
+
+Parameter names inside `roi_heads.`: `box_head.*`, `box_predictor.*` (torchvision's names),
+`mask_head.*`, `keypoint_head.*` (see those modules' docstrings for torchvision's names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_area, box_iou, roi_align
+
+from maskrcnn.config import ModelConfig
+from maskrcnn.model.box_head import BoxHead, BoxPredictor, box_inference, fast_rcnn_loss
+from maskrcnn.model.box_ops import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, BoxCoder, Matcher, ignore_crowd
+from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
+from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets
+
+FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5 (P6 only feeds the RPN)
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """RoIAlign of each box on the FPN level that suits its size (FPN paper, eq. 1):
+    level = floor(4 + log2(sqrt(area) / 224)), clamped to the levels given. The same numbers as
+    torchvision's `MultiScaleRoIAlign`, which has no `aligned` switch.
+
+    features: name -> `[B, C, Hl, Wl]`; boxes: per image `[Ri, 4]` in input-image pixels;
+    returns `[sum Ri, C, S, S]` in the order of the boxes.
+    """
+
+    def __init__(
+        self, *, featmap_names: tuple[str, ...] = FPN_LEVEL_NAMES, output_size: int, sampling_ratio: int, aligned: bool
+    ) -> None:
+        super().__init__()
+        self.featmap_names = tuple(featmap_names)
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        maps = [features[name] for name in self.featmap_names]
+        # Each level's scale is a power of 2, read off the largest image height and its map's height.
+        largest_height = max(height for height, _ in image_sizes)
+        scales = [2.0 ** round(torch.log2(torch.tensor(m.shape[-2] / largest_height)).item()) for m in maps]
+        first_level, last_level = -round(torch.log2(torch.tensor(scales[0])).item()), -round(
+            torch.log2(torch.tensor(scales[-1])).item()
+        )
+
+        rois = torch.cat(boxes)  # [R, 4]
+        image_index = torch.cat([torch.full((len(b), 1), i, dtype=rois.dtype, device=rois.device) for i, b in enumerate(boxes)])
+        rois = torch.cat([image_index, rois], dim=1)  # [R, 5]
+        size = torch.sqrt(box_area(rois[:, 1:]))
+        level = torch.floor(4 + torch.log2(size / 224) + torch.tensor(1e-6, dtype=size.dtype))
+        level = level.clamp(min=first_level, max=last_level).to(torch.int64) - first_level
+
+        pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))
+        for index, (feature_map, scale) in enumerate(zip(maps, scales)):  # loop over the 4 levels
+            on_level = torch.where(level == index)[0]
+            pooled[on_level] = roi_align(
+                feature_map,
+                rois[on_level],
+                self.output_size,
+                spatial_scale=scale,
+                sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned,
+            ).to(pooled.dtype)
+        return pooled
+
+
+@dataclass
+class SampledRoIs:
+    """The RoIs chosen for training, per image: boxes `[Ri, 4]`, labels `[Ri]` (0 = background),
+    matched instance index `[Ri]` (0 for background), and the encoded box targets `[Ri, 4]`."""
+
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    matched_idxs: list[Tensor]
+    regression_targets: list[Tensor]
+
+
+class RoIHeads(nn.Module):
+    """Box head (always), mask head and keypoint head (when given) on the RPN's proposals.
+
+    forward(features, proposals [Ni, 4] per image, image_sizes (H, W) per image, targets) ->
+    (detections: one dict per image with boxes / labels / scores [+ masks [N, 1, M, M]
+    probabilities in box coordinates, keypoints [N, K, 3], keypoints_scores [N, K]],
+    losses: loss_classifier, loss_box_reg [, loss_mask, loss_keypoint] in training).
+    """
+
+    def __init__(
+        self,
+        *,
+        box_pooler: MultiLevelRoIAlign,
+        box_head: BoxHead,
+        box_predictor: BoxPredictor,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        crowd_ioa_thresh: float = 0.7,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        mask_pooler: MultiLevelRoIAlign | None = None,
+        mask_head: nn.Module | None = None,
+        mask_train_on: str = "proposals",
+        gt_box_jitter: float = 0.0,
+        mask_classes: list[int] | None = None,
+        point_supervision: bool = False,
+        points_per_instance: int | None = None,
+        keypoint_pooler: MultiLevelRoIAlign | None = None,
+        keypoint_head: KeypointHead | None = None,
+    ) -> None:
+        super().__init__()
+        if mask_train_on not in ("proposals", "gt_boxes"):
+            raise ValueError(f"mask_head.train_on must be 'proposals' or 'gt_boxes', got {mask_train_on!r}")
+        self.box_pooler, self.box_head, self.box_predictor = box_pooler, box_head, box_predictor
+        self.matcher = Matcher(high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedSampler(batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction)
+        self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
+        self.crowd_ioa_thresh = crowd_ioa_thresh
+        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.mask_pooler, self.mask_head = mask_pooler, mask_head
+        self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask_train_on, gt_box_jitter, mask_classes
+        self.point_supervision, self.points_per_instance = point_supervision, points_per_instance
+        self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if not self.training:
+            detections = self._forward_box(features, proposals, image_sizes)
+            if self.mask_head is not None:
+                self._forward_mask(features, image_sizes, detections)
+            if self.keypoint_head is not None:
+                self._forward_keypoint(features, image_sizes, detections)
+            return detections, {}
+
+        if targets is None:
+            raise ValueError("RoIHeads: targets are required in training mode")
+        samples = self.sample_proposals(proposals, targets)
+        losses = self._forward_box(features, proposals, image_sizes, samples)
+        if self.mask_head is not None:
+            losses["loss_mask"] = self._forward_mask(features, image_sizes, samples=samples, targets=targets)
+        if self.keypoint_head is not None:
+            losses["loss_keypoint"] = self._forward_keypoint(features, image_sizes, samples=samples, targets=targets)
+        return [], losses
+
+    # ------------------------------------------------------------------ training samples
+    @torch.no_grad()
+    def sample_proposals(self, proposals: list[Tensor], targets: list[dict]) -> SampledRoIs:
+        """Add the ground-truth boxes to the proposals, match them to the ground truth (IoU >=
+        fg_iou_thresh: foreground, below bg_iou_thresh: background; proposals inside crowd regions
+        are ignored), then sample `batch_size_per_image` RoIs per image with at most
+        `positive_fraction` foreground, in torchvision's random order."""
+        all_boxes, all_labels, all_matched = [], [], []
+        for proposals_in_image, target in zip(proposals, targets):  # loop over images
+            gt_boxes = target["boxes"].to(proposals_in_image.dtype)
+            boxes = torch.cat([proposals_in_image, gt_boxes])
+            matched = self.matcher(box_iou(gt_boxes, boxes))  # [Ri], gt index or -1 / -2
+            if "crowd_boxes" in target:
+                matched = ignore_crowd(matched, boxes, target["crowd_boxes"], self.crowd_ioa_thresh)
+            matched_or_zero = matched.clamp(min=0)
+            if len(gt_boxes) == 0:
+                labels = torch.zeros_like(matched)
+            else:
+                labels = target["labels"].to(torch.int64)[matched_or_zero]
+            labels = torch.where(matched == BELOW_LOW_THRESHOLD, torch.zeros_like(labels), labels)
+            labels = torch.where(matched == BETWEEN_THRESHOLDS, torch.full_like(labels, -1), labels)
+            all_boxes.append(boxes)
+            all_labels.append(labels)
+            all_matched.append(matched_or_zero)
+
+        positives, negatives = self.sampler(all_labels)
+        samples = SampledRoIs([], [], [], [])
+        for boxes, labels, matched, pos, neg, target in zip(all_boxes, all_labels, all_matched, positives, negatives, targets):
+            keep = torch.where(pos | neg)[0]
+            boxes, labels, matched = boxes[keep], labels[keep], matched[keep]
+            gt_boxes = target["boxes"].to(boxes.dtype)
+            # Background RoIs get no box loss: encode them against themselves (zeros) when the image has no gt.
+            matched_boxes = gt_boxes[matched] if len(gt_boxes) else boxes
+            samples.boxes.append(boxes)
+            samples.labels.append(labels)
+            samples.matched_idxs.append(matched)
+            samples.regression_targets.append(self.box_coder.encode(matched_boxes, boxes))
+        return samples
+
+    # ------------------------------------------------------------------ heads
+    def _forward_box(self, features, proposals, image_sizes, samples: SampledRoIs | None = None):
+        boxes = samples.boxes if samples is not None else proposals
+        box_features = self.box_head(self.box_pooler(features, boxes, image_sizes))  # [R, fc_dim]
+        class_logits, box_deltas = self.box_predictor(box_features)  # [R, K + 1], [R, (K + 1) * 4]
+        if samples is None:
+            return box_inference(
+                class_logits,
+                box_deltas,
+                boxes,
+                image_sizes,
+                box_coder=self.box_coder,
+                score_thresh=self.score_thresh,
+                nms_thresh=self.nms_thresh,
+                detections_per_img=self.detections_per_img,
+            )
+        loss_classifier, loss_box_reg = fast_rcnn_loss(
+            class_logits, box_deltas, torch.cat(samples.labels), torch.cat(samples.regression_targets)
+        )
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+    def _forward_mask(self, features, image_sizes, detections=None, *, samples=None, targets=None):
+        """Inference: adds `masks [N, 1, M, M]` to each detection. Training: returns `loss_mask`."""
+        if not self.training:
+            boxes = [d["boxes"] for d in detections]
+            labels = torch.cat([d["labels"] for d in detections])
+            mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))
+            for detection, masks in zip(detections, mask_inference(mask_logits, labels).split([len(b) for b in boxes])):
+                detection["masks"] = masks
+            return None
+
+        boxes, matched, labels = self._mask_training_rois(samples, targets, image_sizes)
+        mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [R, C, M, M]
+        if self.point_supervision:
+            from maskrcnn.model.point_supervision import point_mask_loss, sample_point_subset
+
+            point_labels = [t["point_labels"] for t in targets]
+            if self.points_per_instance is not None:
+                point_labels = [sample_point_subset(p, self.points_per_instance) for p in point_labels]
+            coords = torch.cat([t["point_coords"][m] for t, m in zip(targets, matched)])
+            point_labels = torch.cat([p[m] for p, m in zip(point_labels, matched)])
+            return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels))
+        mask_size = mask_logits.shape[-1]
+        aligned = self.mask_pooler.aligned
+        per_image = [mask_targets(t["masks"], b, m, mask_size, aligned=aligned) for t, b, m in zip(targets, boxes, matched)]
+        return mask_loss(mask_logits, torch.cat(per_image), torch.cat(labels))
+
+    def _mask_training_rois(self, samples, targets, image_sizes) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per image: the boxes that train the mask head, their instance indices and labels.
+        Positive proposals (Mask R-CNN), or the (jittered) ground-truth boxes (Birodkar et al.);
+        then only instances with a mask annotation and a label in `mask_classes`."""
+        boxes, matched, labels = [], [], []
+        for i, target in enumerate(targets):  # loop over images
+            if self.mask_train_on == "gt_boxes":
+                instance = torch.arange(len(target["boxes"]), device=target["boxes"].device)
+                roi_boxes = self._jitter(target["boxes"].to(samples.boxes[i].dtype), image_sizes[i])
+                roi_labels = target["labels"]
+            else:
+                positive = torch.where(samples.labels[i] > 0)[0]
+                instance, roi_boxes, roi_labels = samples.matched_idxs[i][positive], samples.boxes[i][positive], samples.labels[i][positive]
+            keep = torch.ones_like(instance, dtype=torch.bool)
+            if "has_mask" in target:
+                keep &= target["has_mask"].to(torch.bool)[instance]
+            if self.mask_classes is not None:
+                keep &= torch.isin(roi_labels, torch.as_tensor(self.mask_classes, device=roi_labels.device))
+            boxes.append(roi_boxes[keep])
+            matched.append(instance[keep])
+            labels.append(roi_labels[keep])
+        return boxes, matched, labels
+
+    def _jitter(self, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Move each side by up to `gt_box_jitter` times the box's width / height, stay >= 1 px wide."""
+        if self.gt_box_jitter == 0 or len(boxes) == 0:
+            return boxes
+        size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # [N, 4] w, h, w, h
+        noise = (torch.rand(boxes.shape, device=boxes.device) * 2 - 1) * self.gt_box_jitter * size
+        jittered = boxes + noise
+        height, width = image_size
+        x1 = jittered[:, 0].clamp(0, width - 1)
+        y1 = jittered[:, 1].clamp(0, height - 1)
+        x2 = torch.maximum(jittered[:, 2].clamp(max=width), x1 + 1)
+        y2 = torch.maximum(jittered[:, 3].clamp(max=height), y1 + 1)
+        return torch.stack([x1, y1, x2, y2], dim=1)
+
+    def _forward_keypoint(self, features, image_sizes, detections=None, *, samples=None, targets=None):
+        """Inference: adds `keypoints [N, K, 3]` and `keypoints_scores [N, K]`. Training: `loss_keypoint`."""
+        if not self.training:
+            boxes = [d["boxes"] for d in detections]
+            heatmaps = self.keypoint_head(self.keypoint_pooler(features, boxes, image_sizes))
+            keypoints, scores = heatmaps_to_keypoints(heatmaps, torch.cat(boxes))
+            sizes = [len(b) for b in boxes]
+            for detection, points, point_scores in zip(detections, keypoints.split(sizes), scores.split(sizes)):
+                detection["keypoints"], detection["keypoints_scores"] = points, point_scores
+            return None
+
+        positives = [torch.where(labels > 0)[0] for labels in samples.labels]
+        boxes = [b[p] for b, p in zip(samples.boxes, positives)]
+        heatmaps = self.keypoint_head(self.keypoint_pooler(features, boxes, image_sizes))  # [R, K, S, S]
+        per_image = [
+            keypoint_targets(t["keypoints"][m[p]], b, heatmaps.shape[-1])
+            for t, m, p, b in zip(targets, samples.matched_idxs, positives, boxes)
+        ]
+        return keypoint_loss(heatmaps, torch.cat([t for t, _ in per_image]), torch.cat([v for _, v in per_image]))
+
+
+def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
+    """The RoI heads a `ModelConfig` describes, on FPN features of `in_channels` channels."""
+    box = config.box_head
+    heads: dict = {}
+    if config.mask_head.enabled:
+        mask = config.mask_head
+        heads.update(
+            mask_pooler=MultiLevelRoIAlign(
+                output_size=mask.pooler_resolution, sampling_ratio=mask.sampling_ratio, aligned=mask.aligned
+            ),
+            mask_head=build_mask_head(
+                architecture=mask.architecture,
+                in_channels=in_channels,
+                num_classes=config.num_classes,
+                conv_dim=mask.conv_dim,
+                num_convs=mask.num_convs,
+                norm=mask.norm,
+                class_agnostic=mask.class_agnostic,
+            ),
+            mask_train_on=mask.train_on,
+            gt_box_jitter=mask.gt_box_jitter,
+            mask_classes=mask.mask_classes,
+            point_supervision=mask.point_supervision,
+            points_per_instance=mask.points_per_instance,
+        )
+    if config.keypoint_head.enabled:
+        keypoint = config.keypoint_head
+        heads.update(
+            keypoint_pooler=MultiLevelRoIAlign(
+                output_size=keypoint.pooler_resolution, sampling_ratio=keypoint.sampling_ratio, aligned=keypoint.aligned
+            ),
+            keypoint_head=KeypointHead(
+                in_channels=in_channels,
+                num_keypoints=keypoint.num_keypoints,
+                conv_dim=keypoint.conv_dim,
+                num_convs=keypoint.num_convs,
+            ),
+        )
+    return RoIHeads(
+        box_pooler=MultiLevelRoIAlign(output_size=box.pooler_resolution, sampling_ratio=box.sampling_ratio, aligned=box.aligned),
+        box_head=BoxHead(
+            in_channels=in_channels,
+            resolution=box.pooler_resolution,
+            fc_dim=box.fc_dim,
+            num_convs=box.num_convs,
+            conv_dim=box.conv_dim,
+            norm=box.norm,
+        ),
+        box_predictor=BoxPredictor(in_channels=box.fc_dim, num_classes=config.num_classes),
+        fg_iou_thresh=box.fg_iou_thresh,
+        bg_iou_thresh=box.bg_iou_thresh,
+        batch_size_per_image=box.batch_size_per_image,
+        positive_fraction=box.positive_fraction,
+        bbox_reg_weights=tuple(box.bbox_reg_weights),
+        crowd_ioa_thresh=box.crowd_ioa_thresh,
+        score_thresh=box.score_thresh,
+        nms_thresh=box.nms_thresh,
+        detections_per_img=box.detections_per_img,
+        **heads,
+    )

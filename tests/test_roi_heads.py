@@ -1,0 +1,238 @@
+"""RoIHeads as a whole against torchvision's RoIHeads with the same weights, features, proposals
+and seed; the Birodkar et al. / Cheng et al. training options; empty cases."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads as TvRoIHeads
+from torchvision.ops import MultiScaleRoIAlign
+
+from maskrcnn.config import ModelConfig
+from maskrcnn.model.mask_head import mask_loss, mask_targets
+from maskrcnn.model.roi_heads import MultiLevelRoIAlign, build_roi_heads
+
+CHANNELS, NUM_CLASSES, NUM_KEYPOINTS, WIDTH = 8, 3, 4, 8
+IMAGE_SIZES = [(128, 120), (100, 128)]  # padded batch: 128 x 128
+
+
+def _config(*, masks: bool = True, keypoints: bool = True, **mask_options) -> ModelConfig:
+    config = ModelConfig(num_classes=NUM_CLASSES)
+    config.box_head.fc_dim = 32
+    config.box_head.batch_size_per_image = 64
+    config.mask_head.enabled, config.mask_head.num_convs, config.mask_head.conv_dim = masks, 2, WIDTH
+    for key, value in mask_options.items():
+        setattr(config.mask_head, key, value)
+    config.keypoint_head.enabled, config.keypoint_head.num_keypoints = keypoints, NUM_KEYPOINTS
+    config.keypoint_head.num_convs, config.keypoint_head.conv_dim = 2, WIDTH
+    return config
+
+
+def _torchvision_heads(ours) -> TvRoIHeads:
+    """torchvision's RoIHeads with our weights, renamed as the head modules' docstrings say."""
+    pool = lambda size: MultiScaleRoIAlign(["0", "1", "2", "3"], size, 2)  # noqa: E731
+    theirs = TvRoIHeads(
+        pool(7), TwoMLPHead(CHANNELS * 49, 32), FastRCNNPredictor(32, NUM_CLASSES + 1),
+        0.5, 0.5, 64, 0.25, (10.0, 10.0, 5.0, 5.0), 0.05, 0.5, 100,
+        mask_roi_pool=pool(14), mask_head=MaskRCNNHeads(CHANNELS, [WIDTH] * 2, 1),
+        mask_predictor=MaskRCNNPredictor(WIDTH, WIDTH, NUM_CLASSES + 1),
+        keypoint_roi_pool=pool(14), keypoint_head=KeypointRCNNHeads(CHANNELS, [WIDTH] * 2),
+        keypoint_predictor=KeypointRCNNPredictor(WIDTH, NUM_KEYPOINTS),
+    )
+    renamed = {}
+    for key, value in ours.state_dict().items():
+        key = re.sub(r"^mask_head\.convs\.(\d+)\.", r"mask_head.\1.", key)
+        key = key.replace("mask_head.deconv.", "mask_predictor.conv5_mask.")
+        key = key.replace("mask_head.predictor.", "mask_predictor.mask_fcn_logits.")
+        key = re.sub(r"^keypoint_head\.convs\.(\d+)\.", lambda m: f"keypoint_head.{2 * int(m[1])}.", key)
+        key = key.replace("keypoint_head.deconv.", "keypoint_predictor.kps_score_lowres.")
+        renamed[key] = value
+    theirs.load_state_dict(renamed)  # strict: every name maps
+    return theirs
+
+
+def _inputs(seed: int = 0, num_instances: tuple[int, ...] = (3, 2)):
+    g = torch.Generator().manual_seed(seed)
+    features = {name: torch.randn(2, CHANNELS, 128 // s, 128 // s, generator=g)
+                for name, s in zip(["0", "1", "2", "3", "pool"], [4, 8, 16, 32, 64])}
+    proposals, targets = [], []
+    for (height, width), n in zip(IMAGE_SIZES, num_instances):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([width * 0.6, height * 0.6])
+        wh = torch.rand(n, 2, generator=g) * 40 + 12
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(n, height, width, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):  # test data, not model code
+            masks[i, y1 + 2 : y2 - 2, x1 + 1 : x2 - 3] = 1
+        keypoints = torch.cat([boxes[:, None, :2] + torch.rand(n, NUM_KEYPOINTS, 2, generator=g) * wh[:, None],
+                               torch.randint(0, 3, (n, NUM_KEYPOINTS, 1), generator=g).float()], dim=-1)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES + 1, (n,), generator=g),
+                        "masks": masks, "keypoints": keypoints})
+        # Proposals: jittered copies of the gt boxes (positives) and random boxes (mostly negatives).
+        near = boxes.repeat(6, 1) + torch.randn(6 * n, 4, generator=g) * 3
+        far_xy = torch.rand(40, 2, generator=g) * torch.tensor([width - 20.0, height - 20.0])
+        far = torch.cat([far_xy, far_xy + torch.rand(40, 2, generator=g) * 60 + 4], dim=1)
+        proposals.append(torch.cat([near, far]).clamp(min=0))
+    return features, proposals, targets
+
+
+def test_multilevel_roi_align_equals_torchvision():
+    features, proposals, _ = _inputs()
+    proposals[0] = torch.cat([proposals[0], torch.tensor([[0.0, 0, 127, 120], [5.0, 5, 6, 6]])])  # P5 and P2
+    ours = MultiLevelRoIAlign(output_size=7, sampling_ratio=2, aligned=False)(features, proposals, IMAGE_SIZES)
+    theirs = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(features, proposals, IMAGE_SIZES)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_training_losses_equal_torchvision():
+    torch.manual_seed(0)
+    ours = build_roi_heads(_config(), in_channels=CHANNELS).train()
+    theirs = _torchvision_heads(ours).train()
+    features, proposals, targets = _inputs()
+    torch.manual_seed(1)
+    _, our_losses = ours(features, proposals, IMAGE_SIZES, targets)
+    torch.manual_seed(1)  # the same seed samples the same RoIs
+    _, their_losses = theirs(features, proposals, IMAGE_SIZES, targets)
+    assert set(our_losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_keypoint"}
+    for name, value in their_losses.items():
+        torch.testing.assert_close(our_losses[name], value, msg=name)
+        assert value > 0, name
+
+
+def test_detections_equal_torchvision():
+    torch.manual_seed(0)
+    ours = build_roi_heads(_config(), in_channels=CHANNELS).eval()
+    theirs = _torchvision_heads(ours).eval()
+    features, proposals, _ = _inputs(seed=3)
+    with torch.no_grad():
+        our_detections, losses = ours(features, proposals, IMAGE_SIZES)
+        their_detections, _ = theirs(features, proposals, IMAGE_SIZES)
+    assert losses == {}
+    assert all(len(d["boxes"]) > 5 for d in their_detections)
+    for mine, reference in zip(our_detections, their_detections):
+        assert set(mine) == set(reference)
+        assert torch.equal(mine["labels"], reference["labels"])
+        for key in ("boxes", "scores", "masks", "keypoints", "keypoints_scores"):
+            torch.testing.assert_close(mine[key], reference[key], msg=key)
+
+
+def test_image_without_objects_trains_with_zero_connected_head_losses():
+    torch.manual_seed(0)
+    heads = build_roi_heads(_config(), in_channels=CHANNELS).train()
+    features, proposals, targets = _inputs(num_instances=(0, 0))
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    assert losses["loss_classifier"] > 0
+    for name in ("loss_box_reg", "loss_mask", "loss_keypoint"):
+        assert losses[name].item() == 0 and losses[name].requires_grad, name
+    sum(losses.values()).backward()
+    assert heads.mask_head.predictor.weight.grad is not None
+    assert heads.keypoint_head.deconv.weight.grad is not None
+
+
+def test_no_proposals_and_no_objects():
+    heads = build_roi_heads(_config(), in_channels=CHANNELS).train()
+    features, _, targets = _inputs(num_instances=(0, 0))
+    _, losses = heads(features, [torch.zeros(0, 4)] * 2, IMAGE_SIZES, targets)
+    assert all(v.item() == 0 and v.requires_grad for v in losses.values())
+    heads.eval()
+    with torch.no_grad():
+        detections, _ = heads(features, [torch.zeros(0, 4)] * 2, IMAGE_SIZES)
+    for d in detections:
+        assert d["boxes"].shape == (0, 4) and d["labels"].shape == (0,) and d["scores"].shape == (0,)
+        assert d["masks"].shape == (0, 1, 28, 28)
+        assert d["keypoints"].shape == (0, NUM_KEYPOINTS, 3) and d["keypoints_scores"].shape == (0, NUM_KEYPOINTS)
+
+
+def test_crowd_regions_are_never_background():
+    heads = build_roi_heads(_config(masks=False, keypoints=False), in_channels=CHANNELS).train()
+    _, proposals, targets = _inputs()
+    crowd = torch.tensor([[0.0, 0, 60, 60]])
+    inside = torch.tensor([[5.0, 5, 25, 25], [30.0, 30, 55, 58]])
+    targets[0] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "crowd_boxes": crowd}
+    proposals[0] = torch.cat([inside, torch.tensor([[70.0, 70, 100, 100]])])
+    samples = heads.sample_proposals(proposals, targets)
+    # Only the proposal outside the crowd is sampled (as background).
+    assert torch.equal(samples.boxes[0], torch.tensor([[70.0, 70, 100, 100]]))
+    assert samples.labels[0].tolist() == [0]
+
+
+def _mask_loss_on(heads, features, boxes, matched, labels, targets):
+    logits = heads.mask_head(heads.mask_pooler(features, boxes, IMAGE_SIZES))
+    per_image = [mask_targets(t["masks"], b, m, 28) for t, b, m in zip(targets, boxes, matched)]
+    return mask_loss(logits, torch.cat(per_image), torch.cat(labels))
+
+
+def test_mask_head_trains_on_ground_truth_boxes():
+    torch.manual_seed(0)
+    heads = build_roi_heads(_config(keypoints=False, train_on="gt_boxes"), in_channels=CHANNELS).train()
+    features, proposals, targets = _inputs()
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    expected = _mask_loss_on(
+        heads, features, [t["boxes"] for t in targets], [torch.arange(len(t["boxes"])) for t in targets],
+        [t["labels"] for t in targets], targets,
+    )
+    torch.testing.assert_close(losses["loss_mask"], expected)
+
+    heads.gt_box_jitter = 0.1
+    jittered = heads._jitter(targets[0]["boxes"], IMAGE_SIZES[0])
+    assert not torch.equal(jittered, targets[0]["boxes"])
+    assert torch.all(jittered[:, 2:] >= jittered[:, :2] + 1)
+    assert (jittered - targets[0]["boxes"]).abs().max() <= 0.1 * 52 + 1e-4  # boxes are at most 52 px
+
+
+@pytest.mark.parametrize("restriction", ["mask_classes", "has_mask"])
+def test_only_instances_with_masks_of_chosen_classes_train_the_mask_head(restriction):
+    torch.manual_seed(0)
+    features, proposals, targets = _inputs()
+    if restriction == "mask_classes":
+        heads = build_roi_heads(_config(keypoints=False, train_on="gt_boxes", mask_classes=[2]), in_channels=CHANNELS)
+        chosen = [t["labels"] == 2 for t in targets]
+    else:
+        heads = build_roi_heads(_config(keypoints=False, train_on="gt_boxes"), in_channels=CHANNELS)
+        for t in targets:
+            t["has_mask"] = torch.arange(len(t["boxes"])) % 2 == 0
+        chosen = [t["has_mask"] for t in targets]
+    heads.train()
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    expected = _mask_loss_on(
+        heads, features, [t["boxes"][c] for t, c in zip(targets, chosen)], [torch.where(c)[0] for c in chosen],
+        [t["labels"][c] for t, c in zip(targets, chosen)], targets,
+    )
+    torch.testing.assert_close(losses["loss_mask"], expected)
+
+    # No chosen instance at all: zero mask loss, connected, and no gradient reaches the mask head.
+    for t in targets:
+        t["has_mask"] = torch.zeros(len(t["boxes"]), dtype=torch.bool)
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    assert losses["loss_mask"].item() == 0 and losses["loss_mask"].requires_grad
+    losses["loss_mask"].backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in heads.mask_head.parameters())
+
+
+def test_point_supervision_uses_point_mask_loss():
+    from maskrcnn.model.point_supervision import point_mask_loss
+
+    torch.manual_seed(0)
+    heads = build_roi_heads(
+        _config(keypoints=False, train_on="gt_boxes", point_supervision=True), in_channels=CHANNELS
+    ).train()
+    features, proposals, targets = _inputs()
+    g = torch.Generator().manual_seed(5)
+    for t in targets:
+        del t["masks"]  # points replace masks
+        n = len(t["boxes"])
+        t["point_coords"] = t["boxes"][:, None, :2] + torch.rand(n, 6, 2, generator=g) * 30
+        t["point_labels"] = torch.randint(-1, 2, (n, 6), generator=g).float()
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    boxes = [t["boxes"] for t in targets]
+    logits = heads.mask_head(heads.mask_pooler(features, boxes, IMAGE_SIZES))
+    expected = point_mask_loss(
+        logits, torch.cat(boxes), torch.cat([t["point_coords"] for t in targets]),
+        torch.cat([t["point_labels"] for t in targets]), torch.cat([t["labels"] for t in targets]),
+    )
+    torch.testing.assert_close(losses["loss_mask"], expected)
+    assert expected > 0
