@@ -36,7 +36,9 @@ def test_layers_equal_torchvision_with_the_same_weights():
     tv_head.load_state_dict(
         {f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in state.items() if k.startswith("convs.")}
     )
-    tv_predictor.load_state_dict({k.replace("deconv", "kps_score_lowres"): v for k, v in state.items() if "deconv" in k})
+    tv_predictor.load_state_dict(
+        {k.replace("deconv", "kps_score_lowres"): v for k, v in state.items() if "deconv" in k}
+    )
     features = torch.randn(3, 8, 14, 14)
     heatmaps = ours(features)
     assert heatmaps.shape == (3, 5, 56, 56)

@@ -11,6 +11,7 @@ Parameter names inside `roi_heads.`: `box_head.*`, `box_predictor.*` (torchvisio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,14 @@ from torchvision.ops import box_area, box_iou, roi_align
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.box_head import BoxHead, BoxPredictor, box_inference, fast_rcnn_loss
-from maskrcnn.model.box_ops import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, BoxCoder, Matcher, ignore_crowd
+from maskrcnn.model.box_ops import (
+    BELOW_LOW_THRESHOLD,
+    BETWEEN_THRESHOLDS,
+    BalancedSampler,
+    BoxCoder,
+    Matcher,
+    ignore_crowd,
+)
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets
 
@@ -48,14 +56,12 @@ class MultiLevelRoIAlign(nn.Module):
         maps = [features[name] for name in self.featmap_names]
         # Each level's scale is a power of 2, read off the largest image height and its map's height.
         largest_height = max(height for height, _ in image_sizes)
-        scales = [2.0 ** round(torch.log2(torch.tensor(m.shape[-2] / largest_height)).item()) for m in maps]
-        first_level, last_level = -round(torch.log2(torch.tensor(scales[0])).item()), -round(
-            torch.log2(torch.tensor(scales[-1])).item()
-        )
+        exponents = [round(math.log2(m.shape[-2] / largest_height)) for m in maps]  # -2, -3, -4, -5
+        scales = [2.0**e for e in exponents]
+        first_level, last_level = -exponents[0], -exponents[-1]
 
-        rois = torch.cat(boxes)  # [R, 4]
-        image_index = torch.cat([torch.full((len(b), 1), i, dtype=rois.dtype, device=rois.device) for i, b in enumerate(boxes)])
-        rois = torch.cat([image_index, rois], dim=1)  # [R, 5]
+        image_index = torch.cat([torch.full((len(b),), i, device=b.device) for i, b in enumerate(boxes)])
+        rois = torch.cat([image_index[:, None].to(boxes[0].dtype), torch.cat(boxes)], dim=1)  # [R, 5]
         size = torch.sqrt(box_area(rois[:, 1:]))
         level = torch.floor(4 + torch.log2(size / 224) + torch.tensor(1e-6, dtype=size.dtype))
         level = level.clamp(min=first_level, max=last_level).to(torch.int64) - first_level
@@ -123,7 +129,9 @@ class RoIHeads(nn.Module):
         if mask_train_on not in ("proposals", "gt_boxes"):
             raise ValueError(f"mask_head.train_on must be 'proposals' or 'gt_boxes', got {mask_train_on!r}")
         self.box_pooler, self.box_head, self.box_predictor = box_pooler, box_head, box_predictor
-        self.matcher = Matcher(high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=False)
+        self.matcher = Matcher(
+            high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=False
+        )
         self.sampler = BalancedSampler(batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction)
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         self.crowd_ioa_thresh = crowd_ioa_thresh
@@ -185,9 +193,9 @@ class RoIHeads(nn.Module):
 
         positives, negatives = self.sampler(all_labels)
         samples = SampledRoIs([], [], [], [])
-        for boxes, labels, matched, pos, neg, target in zip(all_boxes, all_labels, all_matched, positives, negatives, targets):
-            keep = torch.where(pos | neg)[0]
-            boxes, labels, matched = boxes[keep], labels[keep], matched[keep]
+        for i, target in enumerate(targets):
+            keep = torch.where(positives[i] | negatives[i])[0]
+            boxes, labels, matched = all_boxes[i][keep], all_labels[i][keep], all_matched[i][keep]
             gt_boxes = target["boxes"].to(boxes.dtype)
             # Background RoIs get no box loss: encode them against themselves (zeros) when the image has no gt.
             matched_boxes = gt_boxes[matched] if len(gt_boxes) else boxes
@@ -223,9 +231,10 @@ class RoIHeads(nn.Module):
         if not self.training:
             boxes = [d["boxes"] for d in detections]
             labels = torch.cat([d["labels"] for d in detections])
-            mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))
-            for detection, masks in zip(detections, mask_inference(mask_logits, labels).split([len(b) for b in boxes])):
-                detection["masks"] = masks
+            mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [N, C, M, M]
+            masks = mask_inference(mask_logits, labels).split([len(b) for b in boxes])
+            for detection, masks_in_image in zip(detections, masks):
+                detection["masks"] = masks_in_image
             return None
 
         boxes, matched, labels = self._mask_training_rois(samples, targets, image_sizes)
@@ -241,7 +250,9 @@ class RoIHeads(nn.Module):
             return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels))
         mask_size = mask_logits.shape[-1]
         aligned = self.mask_pooler.aligned
-        per_image = [mask_targets(t["masks"], b, m, mask_size, aligned=aligned) for t, b, m in zip(targets, boxes, matched)]
+        per_image = [
+            mask_targets(t["masks"], b, m, mask_size, aligned=aligned) for t, b, m in zip(targets, boxes, matched)
+        ]
         return mask_loss(mask_logits, torch.cat(per_image), torch.cat(labels))
 
     def _mask_training_rois(self, samples, targets, image_sizes) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -256,7 +267,8 @@ class RoIHeads(nn.Module):
                 roi_labels = target["labels"]
             else:
                 positive = torch.where(samples.labels[i] > 0)[0]
-                instance, roi_boxes, roi_labels = samples.matched_idxs[i][positive], samples.boxes[i][positive], samples.labels[i][positive]
+                instance = samples.matched_idxs[i][positive]
+                roi_boxes, roi_labels = samples.boxes[i][positive], samples.labels[i][positive]
             keep = torch.ones_like(instance, dtype=torch.bool)
             if "has_mask" in target:
                 keep &= target["has_mask"].to(torch.bool)[instance]
@@ -341,7 +353,9 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
             ),
         )
     return RoIHeads(
-        box_pooler=MultiLevelRoIAlign(output_size=box.pooler_resolution, sampling_ratio=box.sampling_ratio, aligned=box.aligned),
+        box_pooler=MultiLevelRoIAlign(
+            output_size=box.pooler_resolution, sampling_ratio=box.sampling_ratio, aligned=box.aligned
+        ),
         box_head=BoxHead(
             in_channels=in_channels,
             resolution=box.pooler_resolution,
