@@ -20,7 +20,19 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from maskrcnn.config import Config, DataConfig, TrainConfig, load_config
+from maskrcnn.config import (
+    BackboneConfig,
+    BoxHeadConfig,
+    Config,
+    DataConfig,
+    KeypointHeadConfig,
+    MaskHeadConfig,
+    ModelConfig,
+    RPNConfig,
+    TrainConfig,
+    TransformConfig,
+    load_config,
+)
 from maskrcnn.engine import trainer
 from maskrcnn.engine.checkpoint import load_training_state
 
@@ -70,7 +82,7 @@ class Rectangles(torch.utils.data.Dataset):
     def _make(rng: np.random.Generator, index: int, empty: bool) -> tuple[torch.Tensor, dict]:
         image = rng.uniform(0.0, 0.3, size=(3, SIZE, SIZE)).astype(np.float32)
         count = 0 if empty else int(rng.integers(1, 4))
-        boxes, labels, masks = [], [], []
+        boxes, labels, masks, keypoints = [], [], [], []
         for _ in range(count):
             x1, y1 = rng.integers(0, SIZE - 20, size=2)
             w, h = rng.integers(12, 20, size=2)
@@ -79,11 +91,13 @@ class Rectangles(torch.utils.data.Dataset):
             mask = np.zeros((SIZE, SIZE), np.uint8)
             mask[y1:y1 + h, x1:x1 + w] = 1
             boxes.append([x1, y1, x1 + w, y1 + h])
+            keypoints.append([[x1 + w / 2, y1, 2], [x1 + w / 2, y1 + h, 2], [x1, y1 + h / 2, 2], [x1 + w, y1 + h / 2, 2]])
             labels.append(label)
             masks.append(mask)
         target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor(labels, dtype=torch.int64),
                   "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(-1, SIZE, SIZE)),
+                  "keypoints": torch.tensor(keypoints, dtype=torch.float32).reshape(-1, 4, 3),
                   "image_id": index + 1}  # fmt: skip
         return torch.from_numpy(image), target
 
@@ -127,6 +141,20 @@ class Sabotage(nn.Module):
         if self.calls == self.nan_at:
             losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
         return losses
+
+
+def tiny_model_config() -> ModelConfig:
+    """Our model, small: ResNet-18 with GroupNorm, 16-channel FPN and heads, 64 px, 4 keypoints."""
+    return ModelConfig(
+        num_classes=NUM_CLASSES,
+        backbone=BackboneConfig(depth=18, norm="gn", trainable_stages=5, fpn_channels=16),
+        transform=TransformConfig(min_size=[SIZE], min_size_test=SIZE, max_size=SIZE),
+        rpn=RPNConfig(anchor_sizes=[8, 16, 32, 64, 128], pre_nms_top_n_train=100, post_nms_top_n_train=50,
+                      pre_nms_top_n_test=100, post_nms_top_n_test=50, batch_size_per_image=32),
+        box_head=BoxHeadConfig(batch_size_per_image=16, fc_dim=32, detections_per_img=10),
+        mask_head=MaskHeadConfig(num_convs=1, conv_dim=16),
+        keypoint_head=KeypointHeadConfig(enabled=True, num_keypoints=4, num_convs=1, conv_dim=16),
+    )  # fmt: skip
 
 
 def tiny_config(output_dir, **train) -> Config:
@@ -271,3 +299,23 @@ def test_init_weights_that_do_not_fit_are_a_clear_error(tmp_path):
     config.train.init_weights = str(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="train.init_weights: .*missing.pth does not exist"):
         trainer.train(config, model=tiny_model(), train_dataset=data)
+
+
+def test_end_to_end_with_our_model_on_shapes(tmp_path):
+    """The default path: model, shapes data, loader and evaluation all built from the config."""
+    pytest.importorskip("maskrcnn.model.mask_rcnn")
+    from maskrcnn import load_checkpoint
+
+    model_config = tiny_model_config()
+    model_config.num_classes = 6
+    config = tiny_config(tmp_path / "run", iterations=2, batch_size=2)
+    config.model = model_config
+    config.data = DataConfig(root=str(tmp_path / "shapes"), shapes_train_images=4, shapes_val_images=2,
+                             shapes_image_size=SIZE, num_workers=0)  # fmt: skip
+    result = trainer.train(config)
+    assert result["iteration"] == 2
+    assert {"bbox/AP", "segm/AP", "keypoints/AP"} <= set(result["metrics"])
+    assert result["best_checkpoint"] == str(tmp_path / "run" / "best.pth")
+    reloaded = load_checkpoint(tmp_path / "run" / "last.pth")
+    for name, value in result["model"].state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name]), name
