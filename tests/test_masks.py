@@ -160,3 +160,12 @@ def test_thousand_instances_stay_small():
     rle_masks = InstanceMasks(rles, image_size=(800, 1333))
     assert rle_masks.nbytes < 200 * 1000 and len(pickle.dumps(rle_masks)) < 1_000_000
     assert rle_masks.crop_and_resize(boxes[:64], torch.arange(64), 28).shape == (64, 28, 28)
+
+
+def test_degenerate_boxes_are_bounded(masks):
+    """Zero-size RoIs must not make pycocotools rasterise an outline millions of pixels long."""
+    boxes = torch.tensor([[20.0, 10.0, 20.0, 10.0], [20.0, 10.0, 20.0, 10.0], [20.0, 10.0, 20.01, 10.01]])
+    crops = masks.crop_and_resize(boxes, torch.tensor([0, 2, 0]), 28)
+    assert crops.shape == (3, 28, 28) and torch.isfinite(crops).all()
+    # the point (20, 10) lies inside the triangle: a zero-size box there is all foreground
+    assert crops[0].min() == 1 and crops[2].min() == 1

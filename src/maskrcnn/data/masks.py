@@ -21,6 +21,9 @@ from torchvision.ops import roi_align
 
 # decoded RLE masks are processed this many at a time, so memory stays bounded by a chunk
 _CHUNK = 16
+# Boxes thinner than this are widened for rasterising: pycocotools' polygon rasteriser allocates
+# in proportion to the outline's length in output pixels, which a near-zero box sends to infinity.
+_MIN_BOX_SIDE = 0.1
 
 
 def compress_rle(rle: dict, height: int, width: int) -> dict:
@@ -179,8 +182,8 @@ class InstanceMasks:
         if self._flipped:
             x = self._size[1] - x
         y = vertices[:, 1] * scale_y
-        x = (x - frames[:, 0]) * out_w / np.maximum(frames[:, 2] - frames[:, 0], 1e-6)
-        y = (y - frames[:, 1]) * out_h / np.maximum(frames[:, 3] - frames[:, 1], 1e-6)
+        x = (x - frames[:, 0]) * out_w / np.maximum(frames[:, 2] - frames[:, 0], _MIN_BOX_SIDE)
+        y = (y - frames[:, 1]) * out_h / np.maximum(frames[:, 3] - frames[:, 1], _MIN_BOX_SIDE)
         flat = np.stack([x, y], axis=1).reshape(-1)
         polygons = [chunk.tolist() for chunk in np.split(flat, np.cumsum(lengths)[:-1] * 2)]
         rles = mask_utils.frPyObjects(polygons, out_h, out_w)  # one C call for every part
