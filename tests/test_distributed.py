@@ -26,7 +26,7 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    from test_trainer import Rectangles, Sabotage, simple_batches, tiny_config, tiny_model
+    from test_trainer import Rectangles, Sabotage, simple_batches, tiny_config, tiny_model, tiny_model_config
 
     from maskrcnn.engine import trainer
 
@@ -34,7 +34,13 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
     out = Path(out_dir)
     # Every 4th item is empty, batch size 1: rank 1's batches at iterations 2 and 4 have no annotations.
     data = Rectangles(8, empty_every=4)
-    model = tiny_model()
+    if scenario == "ours":  # our model with box, mask and keypoint heads
+        from maskrcnn.model.mask_rcnn import build_model
+
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config())
+    else:
+        model = tiny_model()
     with torch.no_grad():  # different initial weights per rank: DDP must broadcast rank 0's
         for parameter in model.parameters():
             parameter.add_(rank)
@@ -45,6 +51,11 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
             helpers = {"gathered": distributed.all_gather_object(rank),
                        "mean": distributed.all_reduce_mean(torch.tensor([float(rank)])).item(),
                        "max": distributed.all_reduce_max(torch.tensor([float(rank)])).item()}  # fmt: skip
+        elif scenario == "ours":  # rank 1's 2nd batch is empty; DDP would fail in the 3rd if a grad were missing
+            config = tiny_config(out / "run", iterations=3, batch_size=1)
+            config.model = tiny_model_config()
+            result = trainer.train(config, model=model, train_dataset=data)
+            helpers = {}
         else:  # "signal": only rank 1 receives SIGTERM, during its 3rd iteration
             config = tiny_config(out / "run", iterations=6, batch_size=1)
             result = trainer.train(config, model=Sabotage(model, signal_at=3 if rank == 1 else None), train_dataset=data)
@@ -84,6 +95,16 @@ def test_two_ranks_stay_identical_with_an_empty_rank_and_gather_evaluation(tmp_p
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4]
     checkpoint = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert len(checkpoint["rng"]) == WORLD_SIZE and checkpoint["data_position"]["world_size"] == WORLD_SIZE
+
+
+def test_our_model_two_ranks_with_an_empty_rank_stay_identical(tmp_path):
+    """Our model's losses stay connected on a batch without annotations: no rank waits forever."""
+    pytest.importorskip("maskrcnn.model.mask_rcnn")
+    ranks = _run_two_ranks(tmp_path, "ours")
+    assert [r["iteration"] for r in ranks] == [3, 3]
+    weights = [torch.load(tmp_path / f"weights{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
 
 
 def test_a_signal_on_one_rank_stops_both_at_the_same_iteration(tmp_path):
