@@ -1,0 +1,384 @@
+"""Reading and checking a COCO instances / person-keypoints file (used by CocoDataset and check-data).
+
+Reading is forgiving per annotation and strict per file (CocoFormatError). The rules that
+`parse_coco` applies, each problem reported with its image id and annotation id:
+
+  image entry without id / file_name, duplicate id      -> image skipped (error)
+  image file missing or header unreadable                -> image skipped (error)
+  height / width missing (check_images="header")         -> taken from the file (repaired)
+  decoded size differs from the JSON's width/height      -> see EXIF policy; else skipped (error)
+  annotation without id, unknown image or category id    -> annotation skipped (error)
+  bbox missing / not 4 finite numbers                    -> taken from the segmentation if there
+                                                            is one (repaired), else skipped (error)
+  bbox of zero area, or nothing left inside the image    -> annotation skipped (error)
+  bbox partly outside the image                          -> clipped to the image (repaired)
+  polygon part with < 3 points / odd length / NaN        -> part dropped (repaired)
+  no usable segmentation left (empty, all parts dropped,
+    RLE of the wrong size) in a data set with masks      -> kept as a box, has_mask False (repaired)
+  keypoints of the wrong length or bad visibility flags  -> all keypoints unlabelled, v=0 (repaired)
+  point_coords / point_labels of mismatched lengths      -> points dropped (repaired)
+  iscrowd: 1                                             -> target["crowd_boxes"], counted
+
+EXIF policy: pixels are turned upright by their EXIF orientation (as a camera viewer shows
+them, as detectron2 reads them), and the JSON's width/height must then match. If instead the
+JSON matches the raw, un-rotated pixels, the annotations were drawn on those: that image is
+read without applying the orientation (repaired, reported), so pixels and annotations agree.
+
+Keypoints: COCO stores integer pixel indices; we add 0.5 (the pixel centre in continuous
+coordinates, docs/design.md) and results subtract it again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image
+
+from maskrcnn.data.masks import InstanceMasks, compress_rle
+
+_EXIF_ORIENTATION = 0x0112
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
+
+
+class CocoFormatError(ValueError):
+    """The annotation file cannot be used at all (missing, not JSON, no images/categories)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in the file. `severity` is "error" when data was skipped, "warning" when repaired."""
+
+    severity: str
+    image_id: Any
+    annotation_id: Any
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return (f"{self.severity}: image {self.image_id} annotation {self.annotation_id} "
+                f"[{self.field}]: {self.message}")
+
+
+@dataclass
+class ImageRecord:
+    """Everything an item needs, parsed once; arrays per instance so __getitem__ has no loops."""
+
+    image_id: int
+    file_name: str
+    height: int
+    width: int
+    apply_exif: bool = True
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [N,4] x1y1x2y2
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [N] 1..K
+    masks: InstanceMasks | None = None  # N compact masks, built once here (immutable, shared by items)
+    has_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N]
+    keypoints: np.ndarray | None = None  # [N, K, 3] continuous x, y, v
+    point_coords: np.ndarray | None = None  # [N, P, 2]
+    point_labels: np.ndarray | None = None  # [N, P], -1 = padding
+    crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [M, 4]
+    annotation_ids: list = field(default_factory=list)  # [N] the file's ids, for messages
+
+
+def load_json(annotations: str | Path | dict) -> dict:
+    """The file as a dict, or CocoFormatError with a message a user can act on."""
+    if isinstance(annotations, dict):
+        data = annotations
+        source = "annotations"
+    else:
+        path = Path(annotations)
+        if not path.is_file():
+            raise CocoFormatError(f"annotation file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except UnicodeDecodeError as error:
+            raise CocoFormatError(f"{path} is not a text (JSON) file: {error}") from None
+        except json.JSONDecodeError as error:
+            raise CocoFormatError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        source = str(path)
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{source}: expected a JSON object with 'images' and 'categories', got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{source}: missing or malformed '{key}' list (is this a COCO instances file?)")
+    if not isinstance(data.get("annotations", []), list):
+        raise CocoFormatError(f"{source}: 'annotations' must be a list")
+    if not data["categories"]:
+        raise CocoFormatError(f"{source}: 'categories' is empty")
+    for index, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int):
+            raise CocoFormatError(f"{source}: categories[{index}] has no integer 'id': {category!r}")
+    ids = [c["id"] for c in data["categories"]]
+    if len(set(ids)) != len(ids):
+        raise CocoFormatError(f"{source}: duplicate category ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    return data
+
+
+def flip_map_from_names(names: list[str]) -> list[list[int]]:
+    """[[i, j], ...] pairing left*/right* keypoint names (COCO's left_eye/right_eye, our left/right)."""
+    pairs = []
+    for i, name in enumerate(names):
+        if "left" in name and name.replace("left", "right") in names:
+            pairs.append([i, names.index(name.replace("left", "right"))])
+    return pairs
+
+
+def read_image_header(path: Path) -> tuple[tuple[int, int], int]:
+    """((height, width) of the raw pixels, EXIF orientation 1..8) without decoding the pixels."""
+    with Image.open(path) as image:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        return (image.height, image.width), int(orientation) if orientation in range(1, 9) else 1
+
+
+@dataclass
+class ParsedCoco:
+    records: list[ImageRecord]
+    problems: list[Problem]
+    categories: list[dict]
+    keypoint_names: list[str]
+    keypoint_sigmas: list[float] | None
+    keypoint_flip_map: list[list[int]] | None
+    has_masks: bool
+    has_points: bool
+    clean_dataset: dict  # kept images and annotations, repaired boxes: what evaluation reads
+
+
+def _clean_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any, list[str]]:
+    """(usable segmentation or [], notes on what was dropped) following the module's rules."""
+    if segmentation is None or (isinstance(segmentation, (list, dict)) and len(segmentation) == 0):
+        return [], []
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if list(size or []) != [height, width]:
+            return [], [f"RLE size {size} differs from the image size [{height}, {width}]: mask dropped"]
+        if isinstance(counts, list) and sum(counts) != height * width:
+            return [], [f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width}: mask dropped"]
+        if not isinstance(counts, (list, str, bytes)):
+            return [], [f"RLE counts of type {type(counts).__name__}: mask dropped"]
+        return segmentation, []
+    if not isinstance(segmentation, list):
+        return [], [f"segmentation of type {type(segmentation).__name__}: mask dropped"]
+    if all(isinstance(v, (int, float)) for v in segmentation):  # a flat polygon without its list
+        segmentation = [segmentation]
+    parts, notes = [], []
+    for i, part in enumerate(segmentation):
+        if not isinstance(part, list) or not all(isinstance(v, (int, float)) for v in part):
+            notes.append(f"polygon part {i} is not a list of numbers: part dropped")
+        elif len(part) % 2 or len(part) < 6:
+            notes.append(f"polygon part {i} has {len(part) / 2:g} points (< 3 or odd length): part dropped")
+        elif not all(math.isfinite(v) for v in part):
+            notes.append(f"polygon part {i} has non-finite coordinates: part dropped")
+        else:
+            parts.append([float(v) for v in part])
+    return parts, notes
+
+
+def _segmentation_box(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """COCO [x, y, w, h] of the mask's pixels."""
+    if isinstance(segmentation, dict):
+        rle = compress_rle(segmentation, height, width)
+    else:
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    return mask_utils.toBbox(rle).astype(np.float64)
+
+
+def _keypoints(values: Any, count: int) -> tuple[np.ndarray, str | None]:
+    """[K, 3] x, y, v as COCO stores them (pixel indices; the +0.5 is applied per image)."""
+    empty = np.zeros((count, 3), np.float32)
+    if values is None:
+        return empty, None
+    # plain Python checks: this runs once per annotation, and numpy calls on 51 numbers cost more
+    if not isinstance(values, list) or len(values) != 3 * count or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        return empty, f"expected {3 * count} numbers ({count} keypoints x 3), got {got}: all keypoints unlabelled"
+    flags = values[2::3]
+    if any(flag not in (0, 1, 2) for flag in flags):
+        return empty, f"visibility flags {flags} not in 0/1/2: all keypoints unlabelled"
+    return np.array(values, dtype=np.float32).reshape(count, 3), None
+
+
+def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
+    """Applies the module's rules to a loaded COCO dict (see the module docstring)."""
+    problems: list[Problem] = []
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    category_to_label = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    keypoint_category = next((c for c in categories if c.get("keypoints")), None) or {}
+    keypoint_names = [str(n) for n in keypoint_category.get("keypoints", [])]
+    num_keypoints = len(keypoint_names)
+    sigmas, flip_map = keypoint_category.get("keypoint_sigmas"), keypoint_category.get("keypoint_flip_map")
+    if sigmas is not None and len(sigmas) != num_keypoints:
+        problems.append(Problem("warning", None, None, "keypoint_sigmas", f"{len(sigmas)} values for {num_keypoints} keypoints: ignored"))
+        sigmas = None
+
+    records: dict[int, ImageRecord] = {}
+    skipped_images: set = set()
+    clean_images = []
+    for index, entry in enumerate(data["images"]):
+        image_id = entry.get("id") if isinstance(entry, dict) else None
+        def skip_image(field_name: str, message: str) -> None:
+            problems.append(Problem("error", image_id if image_id is not None else f"images[{index}]", None, field_name, message + "; image skipped"))
+            skipped_images.add(image_id)
+        if not isinstance(image_id, int):
+            skip_image("id", f"missing or not an integer: {image_id!r}")
+            continue
+        if image_id in records or image_id in skipped_images:
+            problems.append(Problem("error", image_id, None, "id", f"duplicate image id (images[{index}]); second entry skipped"))
+            continue
+        file_name = entry.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            skip_image("file_name", f"missing: {file_name!r}")
+            continue
+        height, width = entry.get("height"), entry.get("width")
+        size = (height, width) if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
+        apply_exif = True
+        path = image_dir / file_name
+        if check_images != "none" and not path.is_file():
+            skip_image("file_name", f"file {path} does not exist")
+            continue
+        if check_images == "header":
+            try:
+                raw, orientation = read_image_header(path)
+            except Exception as error:  # PIL raises several types for corrupt files
+                skip_image("file_name", f"file {path} cannot be read: {error}")
+                continue
+            upright = raw[::-1] if orientation in _ROTATING_ORIENTATIONS else raw
+            if size is None:
+                problems.append(Problem("warning", image_id, None, "height/width", f"missing or invalid ({height!r}, {width!r}): taken from the file {upright}"))
+                size = upright
+            elif size != upright and size == raw:
+                problems.append(Problem("warning", image_id, None, "height/width", f"{size} matches the raw pixels, not the EXIF orientation {orientation} ({upright}): orientation not applied"))
+                apply_exif = False
+            elif size != upright:
+                skip_image("height/width", f"{size} differs from the file's size {upright} (EXIF orientation {orientation} applied)")
+                continue
+        if size is None:
+            skip_image("height/width", f"missing or invalid: ({height!r}, {width!r})")
+            continue
+        records[image_id] = ImageRecord(image_id, file_name, int(size[0]), int(size[1]), apply_exif)
+        clean_images.append({**entry, "height": int(size[0]), "width": int(size[1])})
+
+    annotations = data.get("annotations", [])
+    def usable(a: Any) -> bool:
+        return isinstance(a, dict) and not a.get("iscrowd")
+    has_masks = any(usable(a) and a.get("segmentation") for a in annotations)
+    has_points = any(usable(a) and "point_coords" in a for a in annotations)
+    instances: dict[int, list] = {image_id: [] for image_id in records}
+    crowds: dict[int, list] = {image_id: [] for image_id in records}
+    clean_annotations = []
+    for index, ann in enumerate(annotations):
+        ann_id = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        def skip(field_name: str, message: str) -> None:
+            problems.append(Problem("error", image_id, ann_id, field_name, message + "; annotation skipped"))
+        def repair(field_name: str, message: str) -> None:
+            problems.append(Problem("warning", image_id, ann_id, field_name, message))
+        if not isinstance(ann, dict):
+            skip("annotation", f"not an object: {ann!r}")
+            continue
+        if "id" not in ann:
+            skip("id", "missing")
+            continue
+        if image_id in skipped_images:
+            skip("image_id", f"its image {image_id} was skipped")
+            continue
+        if image_id not in records:
+            skip("image_id", f"unknown image id {image_id!r}")
+            continue
+        if ann.get("category_id") not in category_to_label:
+            skip("category_id", f"unknown category id {ann.get('category_id')!r}; known ids: {sorted(category_to_label)}")
+            continue
+        record = records[image_id]
+        height, width = record.height, record.width
+        segmentation, notes = _clean_segmentation(ann.get("segmentation"), height, width)
+        bbox = ann.get("bbox")
+        if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+            x, y, w, h = (float(v) for v in bbox)
+        elif segmentation:
+            x, y, w, h = _segmentation_box(segmentation, height, width)
+            repair("bbox", f"missing or invalid {bbox!r}: taken from the segmentation")
+        else:
+            skip("bbox", f"missing or invalid {bbox!r} and no segmentation to take it from")
+            continue
+        if w <= 0 or h <= 0:
+            skip("bbox", f"zero or negative size {bbox!r}")
+            continue
+        box = (x, y, x + w, y + h)
+        clipped = (min(max(x, 0.0), width), min(max(y, 0.0), height), min(x + w, width), min(y + h, height))
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            skip("bbox", f"{bbox!r} lies outside the {width}x{height} image")
+            continue
+        if clipped != box:
+            repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped")
+        for note in notes:
+            repair("segmentation", note)
+        clean = {**ann, "bbox": [float(clipped[0]), float(clipped[1]), float(clipped[2] - clipped[0]), float(clipped[3] - clipped[1])],
+                 "iscrowd": int(bool(ann.get("iscrowd", 0)))}
+        # evaluation needs a mask for every ground truth: the box stands in for a missing one
+        clean["segmentation"] = segmentation or [[clipped[0], clipped[1], clipped[2], clipped[1], clipped[2], clipped[3], clipped[0], clipped[3]]]
+        clean.setdefault("area", float((clipped[2] - clipped[0]) * (clipped[3] - clipped[1])))
+        if ann.get("iscrowd"):
+            crowds[image_id].append(clipped)
+            clean_annotations.append(clean)
+            continue
+        if has_masks and not segmentation:
+            repair("segmentation", "no usable mask: kept as a box with has_mask False")
+        keypoints, note = _keypoints(ann.get("keypoints"), num_keypoints)
+        if note:
+            repair("keypoints", note)
+            clean["keypoints"], clean["num_keypoints"] = [0] * (3 * num_keypoints), 0
+        coords = np.zeros((0, 2), np.float32)
+        point_labels = np.zeros(0, np.float32)
+        if "point_coords" in ann:
+            try:
+                coords = np.asarray(ann["point_coords"], dtype=np.float32).reshape(-1, 2)
+                point_labels = np.asarray(ann.get("point_labels"), dtype=np.float32).reshape(-1)
+                if len(coords) != len(point_labels) or not np.isfinite(coords).all():
+                    raise ValueError(f"{len(coords)} coordinates, {len(point_labels)} labels")
+            except (ValueError, TypeError) as error:
+                repair("point_coords", f"unusable points ({error}): dropped")
+                coords, point_labels = np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+        label = category_to_label[ann["category_id"]]
+        instances[image_id].append((ann["id"], clipped, label, segmentation, bool(segmentation), keypoints, coords, point_labels))
+        clean_annotations.append(clean)
+
+    for image_id, record in records.items():
+        found = instances[image_id]
+        if crowds[image_id]:
+            record.crowd_boxes = np.array(crowds[image_id], np.float32).reshape(-1, 4)
+        if num_keypoints:
+            record.keypoints = np.zeros((0, num_keypoints, 3), np.float32)
+        if has_points:
+            record.point_coords, record.point_labels = np.zeros((0, 0, 2), np.float32), np.zeros((0, 0), np.float32)
+        if not found:
+            continue
+        ids, boxes, labels, segmentations, has_mask, keypoints, coords, point_labels = zip(*found)
+        record.annotation_ids = list(ids)
+        record.boxes = np.array(boxes, np.float32).reshape(-1, 4)
+        record.labels = np.array(labels, np.int64)
+        if has_masks:
+            record.masks = InstanceMasks(list(segmentations), image_size=(record.height, record.width))
+        record.has_mask = np.array(has_mask, bool)
+        if num_keypoints:
+            record.keypoints = np.stack(keypoints)  # [N, K, 3]
+            # COCO pixel index -> continuous pixel centre; unlabelled keypoints (v = 0) sit at 0
+            labelled = record.keypoints[..., 2:] > 0
+            record.keypoints[..., :2] = np.where(labelled, record.keypoints[..., :2] + 0.5, 0.0)
+        if has_points:  # pad to the image's largest count; label -1 marks padding
+            most = max(len(c) for c in coords)
+            record.point_coords = np.zeros((len(found), most, 2), np.float32)
+            record.point_labels = np.full((len(found), most), -1.0, np.float32)
+            for row, (c, l) in enumerate(zip(coords, point_labels)):
+                record.point_coords[row, :len(c)], record.point_labels[row, :len(l)] = c, l
+
+    clean_dataset = {key: value for key, value in data.items() if key not in ("images", "annotations")}
+    clean_dataset.update(images=clean_images, annotations=clean_annotations)
+    return ParsedCoco(list(records.values()), problems, categories, keypoint_names,
+                      [float(s) for s in sigmas] if sigmas is not None else None,
+                      [list(p) for p in flip_map] if flip_map is not None else None,
+                      has_masks, has_points, clean_dataset)
