@@ -49,8 +49,10 @@ def test_ensure_regenerates_only_when_needed(tmp_path):
     stamp = paths["train_annotations"].stat().st_mtime_ns
     shapes.ensure_shapes(tmp_path, num_train=3, num_val=2, image_size=64, seed=0)
     assert paths["train_annotations"].stat().st_mtime_ns == stamp  # untouched
-    shapes.ensure_shapes(tmp_path, num_train=4, num_val=2, image_size=64, seed=0)
-    assert len(json.loads(paths["train_annotations"].read_text())["images"]) == 4
+    (tmp_path / "train" / "mine.png").write_bytes(b"a user's file")
+    shapes.ensure_shapes(tmp_path, num_train=2, num_val=2, image_size=64, seed=0)
+    assert len(json.loads(paths["train_annotations"].read_text())["images"]) == 2
+    assert sorted(p.name for p in paths["train_images"].iterdir()) == ["000000.png", "000001.png", "mine.png"]
     paths["val_annotations"].unlink()
     shapes.ensure_shapes(tmp_path, num_train=4, num_val=2, image_size=64, seed=0)
     assert paths["val_annotations"].exists()

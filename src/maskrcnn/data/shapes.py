@@ -182,6 +182,10 @@ def categories() -> list[dict]:
 def _write_split(root: Path, split: str, split_code: int, count: int, size: int, seed: int) -> Path:
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
+    # images of a larger earlier generation would sit there unannotated: remove only our own names
+    for old in image_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
+        if int(old.stem) >= count:
+            old.unlink()
     images, annotations = [], []
     for index in range(count):
         rng = np.random.default_rng([seed, split_code, index])
@@ -216,9 +220,6 @@ def generate_shapes(root: str | Path, *, num_train: int, num_val: int, image_siz
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / "manifest.json"
     manifest.unlink(missing_ok=True)  # an interrupted run must not look complete
-    for split in ("train", "val"):  # stale images from a larger earlier run would confuse a reader
-        for old in (root / split).glob("*.png") if (root / split).is_dir() else ():
-            old.unlink()
     _write_split(root, "train", 0, num_train, image_size, seed)
     _write_split(root, "val", 1, num_val, image_size, seed)
     manifest.write_text(json.dumps(_parameters(num_train, num_val, image_size, seed), sort_keys=True))
