@@ -88,7 +88,9 @@ class InstanceMasks:
         return out
 
     def __getitem__(self, index: Any) -> InstanceMasks:
-        positions = torch.arange(len(self))[torch.as_tensor(index) if not isinstance(index, slice) else index]
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index).cpu()  # a keep-mask may come from the model's device
+        positions = torch.arange(len(self))[index]
         positions = positions.reshape(-1).tolist()
         return self._with_state([self._polygons[i] for i in positions], [self._rles[i] for i in positions])
 
