@@ -306,3 +306,14 @@ def test_flip_map_sources(tmp_path):
     assert CocoDataset(data, folder, keypoint_flip_map=[[3, 4]]).keypoint_flip_map == [[3, 4]]
     data["categories"][0]["keypoint_flip_map"] = [[5, 6]]
     assert CocoDataset(data, folder).keypoint_flip_map == [[5, 6]]
+
+
+def test_missing_area_is_the_mask_area_for_evaluation(tmp_path):
+    polygon = [[2.0, 2.0, 12.0, 2.0, 12.0, 7.0]]
+    data, folder = _one_image(tmp_path, [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 5], "segmentation": polygon},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 2, 10, 5], "segmentation": [], "area": 7.0}])
+    coco = CocoDataset(data, folder, warn=False).coco
+    assert coco.anns[1]["area"] == mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(polygon, H, W)))
+    assert coco.anns[2]["area"] == 7.0  # given areas are kept
+    assert coco.anns[2]["segmentation"] == [[20.0, 2.0, 30.0, 2.0, 30.0, 7.0, 20.0, 7.0]]  # the box stands in

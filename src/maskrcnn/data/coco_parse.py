@@ -178,13 +178,11 @@ def _clean_segmentation(segmentation: Any, height: int, width: int) -> tuple[Any
     return parts, notes
 
 
-def _segmentation_box(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """COCO [x, y, w, h] of the mask's pixels."""
+def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
+    """One compressed RLE of a cleaned segmentation (polygon parts merged)."""
     if isinstance(segmentation, dict):
-        rle = compress_rle(segmentation, height, width)
-    else:
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    return mask_utils.toBbox(rle).astype(np.float64)
+        return compress_rle(segmentation, height, width)
+    return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
 
 
 def _keypoints(values: Any, count: int) -> tuple[np.ndarray, str | None]:
@@ -213,7 +211,8 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
     num_keypoints = len(keypoint_names)
     sigmas, flip_map = keypoint_category.get("keypoint_sigmas"), keypoint_category.get("keypoint_flip_map")
     if sigmas is not None and len(sigmas) != num_keypoints:
-        problems.append(Problem("warning", None, None, "keypoint_sigmas", f"{len(sigmas)} values for {num_keypoints} keypoints: ignored"))
+        problems.append(Problem("warning", None, None, "keypoint_sigmas",
+                                f"{len(sigmas)} values for {num_keypoints} keypoints: ignored"))
         sigmas = None
 
     records: dict[int, ImageRecord] = {}
@@ -222,7 +221,8 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
     for index, entry in enumerate(data["images"]):
         image_id = entry.get("id") if isinstance(entry, dict) else None
         def skip_image(field_name: str, message: str) -> None:
-            problems.append(Problem("error", image_id if image_id is not None else f"images[{index}]", None, field_name, message + "; image skipped"))
+            where = image_id if image_id is not None else f"images[{index}]"
+            problems.append(Problem("error", where, None, field_name, message + "; image skipped"))
             skipped_images.add(image_id)
         if not isinstance(image_id, int):
             skip_image("id", f"missing or not an integer: {image_id!r}")
@@ -249,13 +249,17 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
                 continue
             upright = raw[::-1] if orientation in _ROTATING_ORIENTATIONS else raw
             if size is None:
-                problems.append(Problem("warning", image_id, None, "height/width", f"missing or invalid ({height!r}, {width!r}): taken from the file {upright}"))
+                problems.append(Problem("warning", image_id, None, "height/width",
+                                        f"missing or invalid ({height!r}, {width!r}): taken from the file {upright}"))
                 size = upright
             elif size != upright and size == raw:
-                problems.append(Problem("warning", image_id, None, "height/width", f"{size} matches the raw pixels, not the EXIF orientation {orientation} ({upright}): orientation not applied"))
+                problems.append(Problem("warning", image_id, None, "height/width",
+                                        f"{size} matches the raw pixels, not the EXIF orientation {orientation} "
+                                        f"({upright}): orientation not applied"))
                 apply_exif = False
             elif size != upright:
-                skip_image("height/width", f"{size} differs from the file's size {upright} (EXIF orientation {orientation} applied)")
+                skip_image("height/width",
+                           f"{size} differs from the file's size {upright} (EXIF orientation {orientation} applied)")
                 continue
         if size is None:
             skip_image("height/width", f"missing or invalid: ({height!r}, {width!r})")
@@ -300,7 +304,7 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
         if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
             x, y, w, h = (float(v) for v in bbox)
         elif segmentation:
-            x, y, w, h = _segmentation_box(segmentation, height, width)
+            x, y, w, h = mask_utils.toBbox(_segmentation_rle(segmentation, height, width)).tolist()
             repair("bbox", f"missing or invalid {bbox!r}: taken from the segmentation")
         else:
             skip("bbox", f"missing or invalid {bbox!r} and no segmentation to take it from")
@@ -317,11 +321,14 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
             repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped")
         for note in notes:
             repair("segmentation", note)
-        clean = {**ann, "bbox": [float(clipped[0]), float(clipped[1]), float(clipped[2] - clipped[0]), float(clipped[3] - clipped[1])],
+        x1, y1, x2, y2 = clipped
+        clean = {**ann, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                  "iscrowd": int(bool(ann.get("iscrowd", 0)))}
         # evaluation needs a mask for every ground truth: the box stands in for a missing one
-        clean["segmentation"] = segmentation or [[clipped[0], clipped[1], clipped[2], clipped[1], clipped[2], clipped[3], clipped[0], clipped[3]]]
-        clean.setdefault("area", float((clipped[2] - clipped[0]) * (clipped[3] - clipped[1])))
+        clean["segmentation"] = segmentation or [[x1, y1, x2, y1, x2, y2, x1, y2]]
+        if "area" not in ann:  # COCOeval's small / medium / large ranges read it: the mask's area, as COCO's
+            rle = _segmentation_rle(segmentation, height, width) if segmentation else None
+            clean["area"] = float(mask_utils.area(rle)) if rle else float((x2 - x1) * (y2 - y1))
         if ann.get("iscrowd"):
             crowds[image_id].append(clipped)
             clean_annotations.append(clean)
