@@ -32,6 +32,7 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
 
     trainer.build_train_batches = simple_batches  # rank r gets items (i * 2 + r) * batch_size ...
     out = Path(out_dir)
+    distributed.init_distributed("cpu")  # joined here, so train() leaves the group up for the checks below
     # Every 4th item is empty, batch size 1: rank 1's batches at iterations 2 and 4 have no annotations.
     data = Rectangles(8, empty_every=4)
     if scenario == "ours":  # our model with box, mask and keypoint heads

@@ -234,13 +234,14 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     resume: continue from `output_dir/last.pth` when it exists (from scratch otherwise).
     model / train_dataset / val_dataset: use these instead of building them from the config
         (tests, notebooks); the datasets follow CocoDataset's item format (docs/design.md).
-    Returns {"model" (unwrapped, on its device), "iteration", "interrupted" (signal name or
+    Returns {"model" (unwrapped, on its device), "rank", "iteration", "interrupted" (signal name or
     None), "metrics" (last evaluation, flat), "best_metric", "last_checkpoint",
     "best_checkpoint" (or None), "seconds_per_iteration" (evaluation excluded), "seconds"}.
-    Under torchrun the process group stays up for the caller; `distributed.shutdown_distributed()`.
+    Under torchrun, a process group that this call started is ended before it returns.
     Raises NonFiniteLossError naming the iteration and loss term(s), leaving `last.pth` as it was.
     """
     settings = config.train
+    owns_process_group = not distributed.is_distributed()  # then it is also ours to end
     context = distributed.init_distributed(distributed.select_device(settings.device, distributed.DistributedContext()).type)
     device = distributed.select_device(settings.device, context)
     output_dir = Path(settings.output_dir)
@@ -355,6 +356,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
                     progress.write(f"stopped by {stopped_by} after iteration {iteration}; saved {last_path}")
                     break
         training_speed = seconds_per_iteration()
+        progress.close()
         if stopped_by is None:
             if val_dataset is not None and evaluated_at != iteration:
                 metrics = run_evaluation(iteration)
@@ -363,8 +365,11 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     finally:
         progress.close()
         writer.close()
+        if owns_process_group:
+            distributed.shutdown_distributed()
     return {
         "model": unwrap_model(model),
+        "rank": context.rank,  # under torchrun every rank returns; rank 0 speaks for the run
         "iteration": iteration,
         "interrupted": stopped_by,
         "metrics": metrics,
