@@ -1,0 +1,222 @@
+"""Mask R-CNN: transform -> backbone -> RPN -> RoI heads -> postprocess (He et al. 2017, Fig. 1).
+
+`model(images)` in eval mode takes a list of `[3, H, W]` float images in 0-1 and returns one dict
+per image (`boxes`, `labels`, `scores`, and `masks [N, 1, H, W]` / `keypoints [N, K, 3]` /
+`keypoints_scores [N, K]` when those heads exist), at the original image size.
+`model(images, targets)` in train mode returns the losses under torchvision's names.
+`build_model(config)` turns a `ModelConfig` into the modules: box only (Faster R-CNN), + masks,
++ keypoints, or all three.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .backbone import ResNetFPN
+from .mask_head import paste_masks
+from .roi_heads import build_roi_heads
+from .rpn import RegionProposalNetwork
+from .transform import ImageTransform
+
+
+class MaskRCNN(nn.Module):
+    """The whole detector. Build it with `build_model`; the pieces are plain attributes."""
+
+    def __init__(
+        self,
+        *,
+        transform: ImageTransform,
+        backbone: ResNetFPN,
+        rpn: RegionProposalNetwork,
+        roi_heads: nn.Module,
+        num_classes: int,
+        num_keypoints: int | None = None,
+        mask_supervision: str | None = "masks",
+    ) -> None:
+        """`num_classes` excludes background (labels are 1..num_classes); `num_keypoints` is None
+        without a keypoint head; `mask_supervision` is "masks", "points" or None (no mask head) and
+        says which target fields training needs."""
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+        self.num_keypoints = num_keypoints
+        self.mask_supervision = mask_supervision
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"images: expected a list of [3, H, W] tensors, got {type(images).__name__}")
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode (model.eval() for inference)")
+            check_targets(images, targets, num_classes=self.num_classes, num_keypoints=self.num_keypoints,
+                          mask_supervision=self.mask_supervision)
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **head_losses}
+
+        detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        return [paste_detection_masks(d, size) for d, size in zip(detections, original_sizes)]
+
+
+def paste_detection_masks(detection: dict[str, Tensor], image_size: tuple[int, int]) -> dict[str, Tensor]:
+    """Replace the `[N, 1, M, M]` mask probabilities (in box coordinates) by `[N, 1, H, W]` images."""
+    if "masks" in detection:
+        detection["masks"] = paste_masks(detection["masks"], detection["boxes"], image_size, padding=1)
+    return detection
+
+
+# --------------------------------------------------------------------------- target checks
+def check_targets(
+    images: list[Tensor],
+    targets: list[dict],
+    *,
+    num_classes: int,
+    num_keypoints: int | None,
+    mask_supervision: str | None,
+) -> None:
+    """Raise a ValueError naming the image (index and image_id), the field and the value for any
+    target the model cannot train on. Vectorised per image: no loop over instances."""
+    if len(targets) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    for index, (image, target) in enumerate(zip(images, targets)):
+        where = f"image {index}" + (f" (image_id {_as_int(target['image_id'])})" if isinstance(target, dict)
+                                    and "image_id" in target else "")
+        if not isinstance(target, dict):
+            raise ValueError(f"{where}: target must be a dict, got {type(target).__name__}")
+        for key in ("boxes", "labels"):
+            if key not in target:
+                raise ValueError(f"{where}: target has no {key!r} (keys: {sorted(target)})")
+        boxes = _tensor(target, "boxes", where, floating=True, shape=(None, 4))
+        num_instances = len(boxes)
+        if not torch.isfinite(boxes).all():
+            bad = int((~torch.isfinite(boxes)).any(dim=1).nonzero()[0])
+            raise ValueError(f"{where}: boxes[{bad}] = {boxes[bad].tolist()} is not finite")
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if degenerate.any():
+            bad = int(degenerate.nonzero()[0])
+            raise ValueError(
+                f"{where}: boxes[{bad}] = {boxes[bad].tolist()} is degenerate or inverted "
+                f"(expected x1 < x2 and y1 < y2, x1y1x2y2 in pixels)"
+            )
+        labels = _tensor(target, "labels", where, dtype=torch.int64, shape=(num_instances,))
+        out_of_range = (labels < 1) | (labels > num_classes)
+        if out_of_range.any():
+            bad = int(out_of_range.nonzero()[0])
+            raise ValueError(f"{where}: labels[{bad}] = {int(labels[bad])} is out of range 1..{num_classes}")
+        if "crowd_boxes" in target:
+            _tensor(target, "crowd_boxes", where, floating=True, shape=(None, 4))
+        if "has_mask" in target:
+            _tensor(target, "has_mask", where, dtype=torch.bool, shape=(num_instances,))
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        if mask_supervision == "masks" or (mask_supervision is not None and "masks" in target):
+            _check_masks(target, where, num_instances, (height, width))
+        if mask_supervision == "points" or "point_coords" in target:
+            coords = _tensor(target, "point_coords", where, floating=True, shape=(num_instances, None, 2))
+            _tensor(target, "point_labels", where, floating=True, shape=(num_instances, coords.shape[1]))
+        if num_keypoints is not None:
+            _tensor(target, "keypoints", where, floating=True, shape=(num_instances, num_keypoints, 3))
+
+
+def _check_masks(target: dict, where: str, num_instances: int, image_size: tuple[int, int]) -> None:
+    if "masks" not in target:
+        raise ValueError(f"{where}: the mask head needs target 'masks' (keys: {sorted(target)})")
+    masks = target["masks"]
+    if isinstance(masks, Tensor):
+        _tensor(target, "masks", where, shape=(num_instances, *image_size))
+        return
+    # InstanceMasks (docs/design.md), duck-typed
+    if len(masks) != num_instances or tuple(masks.image_size) != image_size:
+        raise ValueError(
+            f"{where}: masks hold {len(masks)} instances of size {tuple(masks.image_size)}, expected "
+            f"{num_instances} (one per box) of the image size {image_size}"
+        )
+
+
+def _tensor(
+    target: dict,
+    key: str,
+    where: str,
+    *,
+    dtype: torch.dtype | None = None,
+    floating: bool = False,
+    shape: tuple[int | None, ...],
+) -> Tensor:
+    """Check type, dtype and shape (None = any size) of `target[key]` and return it."""
+    if key not in target:
+        raise ValueError(f"{where}: target has no {key!r} (keys: {sorted(target)})")
+    value = target[key]
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{where}: {key} must be a tensor, got {type(value).__name__}")
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"{where}: {key} must have dtype {dtype}, got {value.dtype}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{where}: {key} must be a float tensor, got {value.dtype}")
+    expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+        raise ValueError(f"{where}: {key} has shape {list(value.shape)}, expected {expected}")
+    return value
+
+
+def _as_int(value) -> int | str:
+    return int(value) if isinstance(value, (int, Tensor)) else value
+
+
+# --------------------------------------------------------------------------- building
+def build_model(config: ModelConfig) -> MaskRCNN:
+    """Plain construction from the config: ResNet-FPN, RPN, and the RoI heads that are enabled."""
+    transform = ImageTransform(
+        min_size=config.transform.min_size,
+        min_size_test=config.transform.min_size_test,
+        max_size=config.transform.max_size,
+        image_mean=config.transform.image_mean,
+        image_std=config.transform.image_std,
+        size_divisible=config.transform.size_divisible,
+    )
+    backbone = ResNetFPN(
+        depth=config.backbone.depth,
+        norm=config.backbone.norm,
+        trainable_stages=config.backbone.trainable_stages,
+        fpn_channels=config.backbone.fpn_channels,
+        weights=config.backbone.weights,
+    )
+    rpn_config = config.rpn
+    rpn = RegionProposalNetwork(
+        in_channels=backbone.out_channels,
+        anchor_sizes=rpn_config.anchor_sizes,
+        aspect_ratios=rpn_config.aspect_ratios,
+        pre_nms_top_n_train=rpn_config.pre_nms_top_n_train,
+        pre_nms_top_n_test=rpn_config.pre_nms_top_n_test,
+        post_nms_top_n_train=rpn_config.post_nms_top_n_train,
+        post_nms_top_n_test=rpn_config.post_nms_top_n_test,
+        nms_thresh=rpn_config.nms_thresh,
+        score_thresh=rpn_config.score_thresh,
+        fg_iou_thresh=rpn_config.fg_iou_thresh,
+        bg_iou_thresh=rpn_config.bg_iou_thresh,
+        batch_size_per_image=rpn_config.batch_size_per_image,
+        positive_fraction=rpn_config.positive_fraction,
+        crowd_ioa_thresh=rpn_config.crowd_ioa_thresh,
+    )
+    roi_heads = build_roi_heads(config, in_channels=backbone.out_channels)
+
+    mask_supervision = None
+    if config.mask_head.enabled:
+        mask_supervision = "points" if config.mask_head.point_supervision else "masks"
+    num_keypoints = config.keypoint_head.num_keypoints if config.keypoint_head.enabled else None
+    model = MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, roi_heads=roi_heads,
+                     num_classes=config.num_classes, num_keypoints=num_keypoints, mask_supervision=mask_supervision)
+    model.config = copy.deepcopy(config)  # what built it: save_checkpoint stores it beside the weights
+    return model

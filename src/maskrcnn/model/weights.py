@@ -1,0 +1,221 @@
+"""Weights in and out: torchvision's detection models, and our own checkpoints.
+
+`from_torchvision(source)` converts `fasterrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn` or
+`keypointrcnn_resnet50_fpn` (a model, its state dict, or a saved .pth) into our `MaskRCNN`,
+configured with torchvision's settings so that it reproduces torchvision's outputs.
+Our checkpoint format is docs/design.md's: `{"format": "maskrcnn/1", "model_config": ..., "model": ...}`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, from_dict
+from .mask_rcnn import MaskRCNN, build_model
+
+CHECKPOINT_FORMAT = "maskrcnn/1"
+
+# torchvision name (regex) -> our name. Everything not listed keeps its name (the ResNet body and
+# the box head keep torchvision's names). Old (v1) torchvision layouts without the `.0` of
+# Conv2dNormActivation are accepted too.
+TORCHVISION_TO_OURS: list[tuple[str, str | Callable[[re.Match], str]]] = [
+    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.lateral_convs.\1.\2"),
+    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.output_convs.\1.\2"),
+    (r"^rpn\.head\.conv\.(?:0\.0\.)?(weight|bias)$", r"rpn.head.conv.\1"),
+    (r"^rpn\.head\.cls_logits\.", r"rpn.head.objectness_logits."),
+    (r"^rpn\.head\.bbox_pred\.", r"rpn.head.box_deltas."),
+    # mask head (see mask_head.py): torchvision's Sequential of conv blocks, or the v1 mask_fcn{n}
+    (r"^roi_heads\.mask_head\.(\d+)\.(\d+)\.", r"roi_heads.mask_head.convs.\1.\2."),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.", lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.0."),
+    (r"^roi_heads\.mask_predictor\.conv5_mask\.", r"roi_heads.mask_head.deconv."),
+    (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", r"roi_heads.mask_head.predictor."),
+    # keypoint head (see keypoint_head.py): torchvision interleaves ReLUs, so its convs are 0, 2, 4, ...
+    (r"^roi_heads\.keypoint_head\.(\d+)\.", lambda m: f"roi_heads.keypoint_head.convs.{int(m[1]) // 2}."),
+    (r"^roi_heads\.keypoint_predictor\.kps_score_lowres\.", r"roi_heads.keypoint_head.deconv."),
+]
+REQUIRED_TORCHVISION_KEYS = (
+    "backbone.body.conv1.weight",
+    "backbone.fpn.inner_blocks.0.0.weight",
+    "rpn.head.cls_logits.weight",
+    "roi_heads.box_head.fc6.weight",
+    "roi_heads.box_predictor.cls_score.weight",
+)
+MASK_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
+KEYPOINT_KEY = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+# torchvision's keypointrcnn_resnet50_fpn trains on several scales (its other settings are the defaults)
+KEYPOINT_RCNN_TRAIN_SIZES = [640, 672, 704, 736, 768, 800]
+
+
+# --------------------------------------------------------------------------- torchvision
+def from_torchvision(source: nn.Module | dict | str | Path) -> MaskRCNN:
+    """Our model, in eval mode, equal to the torchvision detection model the weights come from.
+
+    Infers the architecture (Faster / Mask / Keypoint R-CNN), the ResNet depth, the norm (frozen
+    BatchNorm for pretrained weights, BatchNorm for a model built without them), the number of
+    classes (ours excludes background) and keypoints from the weights.
+    """
+    state = torchvision_state_dict(source)
+    config = config_for_torchvision(state)
+    model = build_model(config)
+    load_state_dict_checked(model, convert_torchvision_state_dict(state), what="torchvision weights")
+    return model.eval()
+
+
+def torchvision_state_dict(source: nn.Module | dict | str | Path) -> dict[str, Tensor]:
+    """The state dict of a torchvision model, a state dict, a reference-script checkpoint
+    (`{"model": state_dict, ...}`) or a .pth path of either."""
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"torchvision weights {source} do not exist")
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(source, dict):
+        raise TypeError(f"expected a torchvision model, a state dict or a .pth path, got {type(source).__name__}")
+    if "model" in source and isinstance(source["model"], dict):
+        source = source["model"]
+    missing = [key for key in REQUIRED_TORCHVISION_KEYS if _find(source, key) is None]
+    if missing:
+        sample = ", ".join(list(source)[:5])
+        raise ValueError(
+            "not the state dict of a torchvision fasterrcnn/maskrcnn/keypointrcnn_resnet*_fpn model: "
+            f"missing {', '.join(missing)} (its keys start with: {sample})"
+        )
+    return source
+
+
+def _find(state: dict, key: str) -> Tensor | None:
+    # accept the v1 FPN layout (inner_blocks.0.weight) where the v2 one (inner_blocks.0.0.weight) is asked
+    return state.get(key, state.get(key.replace(".0.0.", ".0.")))
+
+
+def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
+    """torchvision's builder settings for the model these weights come from."""
+    config = ModelConfig()
+    config.num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1  # minus background
+    config.backbone.depth = _resnet_depth(state)
+    # Built without pretrained weights, torchvision uses trainable BatchNorm in all stages;
+    # with them, FrozenBatchNorm2d (which has no num_batches_tracked) and 3 trainable stages.
+    trained_with_bn = any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
+    config.backbone.norm = "bn" if trained_with_bn else "frozen_bn"
+    config.backbone.trainable_stages = 5 if trained_with_bn else 3
+    config.backbone.fpn_channels = _find(state, "backbone.fpn.inner_blocks.0.0.weight").shape[0]
+    config.rpn.aspect_ratios = [0.5, 1.0, 2.0]
+    if state["rpn.head.cls_logits.weight"].shape[0] != len(config.rpn.aspect_ratios):
+        raise ValueError(
+            f"rpn.head.cls_logits has {state['rpn.head.cls_logits.weight'].shape[0]} anchors per location; "
+            "torchvision's builders use 3 (aspect ratios 0.5, 1, 2)"
+        )
+    config.box_head.fc_dim = state["roi_heads.box_head.fc6.weight"].shape[0]
+    config.mask_head.enabled = MASK_KEY in state
+    if config.mask_head.enabled:
+        config.mask_head.num_convs = sum(1 for k in state if re.fullmatch(r"roi_heads\.mask_head\.\d+\.0\.weight", k)
+                                         or re.fullmatch(r"roi_heads\.mask_head\.mask_fcn\d+\.weight", k))
+        config.mask_head.class_agnostic = state[MASK_KEY].shape[0] == 1
+    config.keypoint_head.enabled = KEYPOINT_KEY in state
+    if config.keypoint_head.enabled:
+        config.keypoint_head.num_keypoints = state[KEYPOINT_KEY].shape[1]  # ConvTranspose: [in, out, k, k]
+        config.transform.min_size = list(KEYPOINT_RCNN_TRAIN_SIZES)
+    return config
+
+
+def _resnet_depth(state: dict[str, Tensor]) -> int:
+    blocks = {layer: len({k.split(".")[3] for k in state if k.startswith(f"backbone.body.{layer}.")})
+              for layer in ("layer1", "layer2", "layer3", "layer4")}
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in state
+    layout = (blocks["layer1"], blocks["layer2"], blocks["layer3"], blocks["layer4"], bottleneck)
+    depths = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50, (3, 4, 23, 3, True): 101}
+    if layout not in depths:
+        raise ValueError(f"backbone.body is not a ResNet-18/34/50/101: blocks per stage {layout[:4]}, "
+                         f"bottleneck={bottleneck}")
+    return depths[layout]
+
+
+def convert_torchvision_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename torchvision's keys to ours (see TORCHVISION_TO_OURS)."""
+    converted = {}
+    for key, value in state.items():
+        for pattern, replacement in TORCHVISION_TO_OURS:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, Tensor], *, what: str) -> None:
+    """`load_state_dict(strict=True)` with an error that lists the mismatching names."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+                   if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{what} do not fit the model: {len(missing)} missing (e.g. {missing[:4]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:4]}), {len(wrong_shape)} of another shape "
+            f"(e.g. {wrong_shape[:3]})"
+        )
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- our checkpoints
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_config: ModelConfig, **extra: Any) -> None:
+    """Write `{"format", "model_config", "model", **extra}` atomically (temp file + os.replace), so
+    that an interrupted save never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": dataclasses.asdict(model_config),
+        "model": model.state_dict(),
+        **extra,
+    }
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(checkpoint, file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(source: str | Path | dict) -> MaskRCNN:
+    """Rebuild the model from one of our checkpoints (a path or the loaded dict); eval mode.
+
+    Checkpoints are pickles (they may hold optimizer and RNG state): load only files you trust.
+    """
+    if isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"checkpoint {source} does not exist")
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    else:
+        checkpoint = source
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"{source if isinstance(source, (str, Path)) else 'checkpoint'}: not a {CHECKPOINT_FORMAT} checkpoint "
+            f"(format {found!r}); torchvision weights load with from_torchvision()"
+        )
+    config = from_dict(ModelConfig, copy.deepcopy(checkpoint["model_config"]))
+    config.backbone.weights = None  # ImageNet initialisation is superseded by the saved weights
+    model = build_model(config)
+    load_state_dict_checked(model, checkpoint["model"], what="checkpoint weights")
+    return model.eval()
+
+
+def convert_torchvision(source: str | Path, destination: str | Path) -> MaskRCNN:
+    """`maskrcnn convert`: torchvision .pth -> our checkpoint. Returns the converted model."""
+    model = from_torchvision(source)
+    save_checkpoint(destination, model, model_config=model.config, converted_from=str(source))
+    return model

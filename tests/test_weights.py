@@ -1,0 +1,120 @@
+"""from_torchvision (model / state dict / .pth), errors for wrong weights, and our checkpoint round trip."""
+
+import pytest
+import torch
+from torchvision.models.detection import KeypointRCNN, MaskRCNN as TvMaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from maskrcnn.model.mask_rcnn import build_model
+from maskrcnn.model.weights import convert_torchvision, from_torchvision, load_checkpoint, save_checkpoint
+
+# see test_model.py: one thread per test process on this shared machine
+torch.set_num_threads(1)
+SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_score_thresh=0.0,
+             box_detections_per_img=6)  # the 8 x 512-channel keypoint convs cost ~4 GFLOP per detection
+
+
+def small_torchvision(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
+                                   norm_layer=torch.nn.BatchNorm2d)
+    if kind == "mask":
+        model = TvMaskRCNN(backbone, num_classes=5, **SMALL)
+    else:
+        model = KeypointRCNN(backbone, num_classes=2, num_keypoints=5, **SMALL)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(10)
+    return model.eval()
+
+
+def configure_like(ours, theirs):
+    """Our model comes configured like torchvision's builders; align the small test settings."""
+    ours.transform.min_size = (96,)
+    ours.transform.min_size_test, ours.transform.max_size = 96, 128
+    ours.rpn.pre_nms_top_n["test"], ours.rpn.post_nms_top_n["test"] = 100, 50
+    ours.roi_heads.score_thresh, ours.roi_heads.detections_per_img = 0.0, 6
+    return ours
+
+
+@pytest.mark.parametrize("kind", ["mask", "keypoint"])
+def test_from_torchvision_model_state_dict_and_file_agree(kind, tmp_path):
+    theirs = small_torchvision(kind)
+    path = tmp_path / "weights.pth"
+    torch.save(theirs.state_dict(), path)
+    from_model = from_torchvision(theirs)
+    assert not from_model.training
+    assert from_model.config.backbone.depth == 18 and from_model.config.backbone.norm == "bn"
+    if kind == "mask":
+        assert from_model.config.num_classes == 4 and from_model.config.mask_head.enabled
+        assert not from_model.config.keypoint_head.enabled
+    else:
+        assert from_model.config.num_classes == 1 and from_model.config.keypoint_head.num_keypoints == 5
+        assert not from_model.config.mask_head.enabled
+        assert from_model.config.transform.min_size == [640, 672, 704, 736, 768, 800]
+    for other in (from_torchvision(theirs.state_dict()), from_torchvision(str(path)),
+                  from_torchvision({"model": theirs.state_dict(), "epoch": 3})):
+        for (name, a), (_, b) in zip(from_model.state_dict().items(), other.state_dict().items()):
+            assert torch.equal(a, b), name
+
+    configure_like(from_model, theirs)
+    images = [torch.rand(3, 80, 100), torch.rand(3, 120, 90)]
+    with torch.no_grad():
+        got, expected = from_model(images), theirs(images)
+    for g, e in zip(got, expected):
+        assert len(e["boxes"]) > 0
+        assert set(g) == set(e)
+        for key in e:
+            torch.testing.assert_close(g[key], e[key], rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_or_partial_weights_give_clear_errors(tmp_path):
+    state = small_torchvision("mask").state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("rpn.")}
+    with pytest.raises(ValueError, match="missing rpn.head.cls_logits.weight"):
+        from_torchvision(partial)
+    no_fc7 = {k: v for k, v in state.items() if "fc7" not in k}
+    with pytest.raises(ValueError, match="missing.*fc7"):
+        from_torchvision(no_fc7)
+    with pytest.raises(ValueError, match="not the state dict of a torchvision"):
+        from_torchvision({"conv.weight": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        from_torchvision(str(tmp_path / "nowhere.pth"))
+    with pytest.raises(TypeError, match="expected a torchvision model"):
+        from_torchvision(42)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from test_model import small_config  # the same small model as test_model.py
+
+    torch.manual_seed(4)
+    config = small_config()
+    model = build_model(config)
+    path = tmp_path / "sub" / "model.pth"
+    save_checkpoint(path, model, model_config=config, iteration=12)
+    assert [p.name for p in path.parent.iterdir()] == ["model.pth"]  # no temporary file left behind
+    loaded = load_checkpoint(path)
+    assert not loaded.training and loaded.config == config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["format"] == "maskrcnn/1" and checkpoint["iteration"] == 12
+    assert isinstance(load_checkpoint(checkpoint), type(model))
+    model.eval()
+    image = torch.rand(3, 90, 100)
+    with torch.no_grad():
+        expected, got = model([image])[0], loaded([image])[0]
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a maskrcnn/1 checkpoint"):
+        load_checkpoint({"model": {}})
+
+
+def test_convert_torchvision_writes_a_checkpoint(tmp_path):
+    theirs = small_torchvision("keypoint")
+    source, destination = tmp_path / "tv.pth", tmp_path / "ours.pth"
+    torch.save(theirs.state_dict(), source)
+    converted = convert_torchvision(source, destination)
+    loaded = load_checkpoint(destination)
+    assert loaded.config == converted.config
+    for (name, a), (_, b) in zip(converted.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
