@@ -319,3 +319,46 @@ def test_end_to_end_with_our_model_on_shapes(tmp_path):
     reloaded = load_checkpoint(tmp_path / "run" / "last.pth")
     for name, value in result["model"].state_dict().items():
         assert torch.equal(value, reloaded.state_dict()[name]), name
+
+
+_CTRL_C_SCRIPT = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from test_trainer import Rectangles, tiny_config, tiny_model
+from maskrcnn.engine import trainer
+
+class SlowRectangles(Rectangles):  # slower than training: the main process waits on the workers
+    def __getitem__(self, key):
+        time.sleep(0.3)
+        return super().__getitem__(key)
+
+config = tiny_config(sys.argv[1], iterations=500)
+config.data.num_workers = 2
+result = trainer.train(config, model=tiny_model(), train_dataset=SlowRectangles(12))
+print("RESULT", result["interrupted"], result["iteration"], flush=True)
+"""
+
+
+def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_exits_cleanly(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, the DataLoader workers included."""
+    pytest.importorskip("maskrcnn.data.loader")
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-c", _CTRL_C_SCRIPT, str(tmp_path)], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    output = process.communicate(timeout=180)[0]
+    assert process.returncode == 0, output[-3000:]
+    stopped_at = int(output.split("RESULT SIGINT ")[1].split()[0])
+    assert 2 <= stopped_at < 500
+    assert load_training_state(tmp_path / "last.pth")["iteration"] == stopped_at

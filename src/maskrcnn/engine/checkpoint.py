@@ -237,3 +237,23 @@ class StopSignal:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside this block (DataLoader workers) inherit SIGINT as ignored.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group. Workers that die
+    of it take the loader down before the training loop can save; ignoring it there leaves the
+    main process to stop them cleanly after `last.pth` is written. (An ignored disposition
+    survives fork and exec, and a spawned Python keeps it.)
+    """
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing can be done, nothing to restore
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

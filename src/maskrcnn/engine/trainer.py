@@ -42,6 +42,7 @@ from maskrcnn.engine.checkpoint import (
     StopSignal,
     atomic_save,
     capture_rng_state,
+    children_ignore_sigint,
     load_training_state,
     restore_training_state,
     rng_preserved,
@@ -275,7 +276,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         seed_everything(settings.seed + 1000 * context.rank)  # per-rank sampling of anchors and RoIs
     model = distributed.wrap_model(model, context, device)
     model.train()
-    with rng_preserved():  # a DataLoader draws its base seed from the global generator
+    # A DataLoader draws its base seed from the global generator, and its workers start here.
+    with rng_preserved(), children_ignore_sigint():
         batches = build_train_batches(train_dataset, config, context, start_iteration)
 
     def save(path: Path, iteration: int) -> None:
