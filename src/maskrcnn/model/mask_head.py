@@ -213,7 +213,8 @@ def paste_masks(
         return pasted
 
     # 1. Along x, over `window` image columns per mask (zero outside the span): [N, P, window].
-    cols = first[:, :1].clamp(max=width - window) + torch.arange(window, device=device)  # [N, window]
+    window_start = first[:, 0].clamp(max=width - window)  # [N]
+    cols = window_start[:, None] + torch.arange(window, device=device)  # [N, window]
     left, right, weight_x = _bilinear_taps(cols, start[:, :1], length[:, :1], source_size)
     inside = ((cols >= first[:, :1]) & (cols <= last[:, :1])).to(torch.float32)
 
@@ -229,9 +230,12 @@ def paste_masks(
     rows = first[owner, 1] + row_in_mask  # image row of each pasted row
     top, bottom, weight_y = _bilinear_taps(rows, start[owner, 1], length[owner, 1], source_size)
     resized_rows = resized_x.reshape(num_masks * source_size, window)
-    top_rows = resized_rows[owner * source_size + top]  # [num_rows, window]
-    bottom_rows = resized_rows[owner * source_size + bottom]
-    values = (1 - weight_y)[:, None] * top_rows + weight_y[:, None] * bottom_rows
+    values = resized_rows[owner * source_size + top]  # [num_rows, window], the upper source row
+    values.lerp_(resized_rows[owner * source_size + bottom], weight_y[:, None])
 
-    pasted.view(num_masks * height, width)[(owner * height + rows)[:, None], cols[owner]] = values.to(dtype)
+    # Each pasted row fills `window` consecutive pixels of one image row. `unfold` views every image
+    # row as all its windows of that width (overlapping views of the same memory); the windows written
+    # here never overlap, so every pixel is written at most once, by one row copy.
+    windows = pasted.view(num_masks * height, width).unfold(1, window, 1)  # [N * H, W - window + 1, window]
+    windows[owner * height + rows, window_start[owner]] = values.to(dtype)
     return pasted
