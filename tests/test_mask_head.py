@@ -156,11 +156,14 @@ def test_paste_masks_equals_torchvision(height, width):
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_paste_masks_outside_the_image_gives_zeros(aligned):
+def test_paste_masks_outside_the_image_or_empty_gives_zeros(aligned):
     # (torchvision's paste_masks_in_image raises for a box entirely right of the image.)
-    boxes = torch.tensor([[45.0, 2, 60, 10], [-30.0, -20, -2, -1], [10.0, 10, 20, 20]])
-    pasted = paste_masks(torch.ones(3, 1, 28, 28), boxes, (30, 40), aligned=aligned)
-    assert torch.all(pasted[:2] == 0) and pasted[2].sum() > 50
+    boxes = torch.tensor([[45.0, 2, 60, 10], [-30.0, -20, -2, -1], [5.0, 5, 5, 15], [10.0, 10, 20, 20]])
+    pasted = paste_masks(torch.ones(4, 1, 28, 28), boxes, (30, 40), aligned=aligned)
+    assert torch.isfinite(pasted).all()
+    assert torch.all(pasted[:2] == 0) and pasted[3].sum() > 50
+    if aligned:
+        assert torch.all(pasted[2] == 0)  # an empty box covers no pixel centre
 
 
 def test_paste_masks_padding_zero_and_empty():

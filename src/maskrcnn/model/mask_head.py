@@ -160,7 +160,7 @@ def _mask_spans(boxes: Tensor, mask_size: int, padding: int, aligned: bool) -> t
         # Continuous coordinates: the mask covers its box exactly, the padding one mask pixel more
         # on each side; pixels whose centre falls between the outer mask pixel centres get a value.
         start = boxes[:, :2] - size * (padding / mask_size)
-        length = size * (source_size / mask_size)
+        length = (size * (source_size / mask_size)).clamp(min=1e-6)  # an empty box pastes nothing (no NaN)
         half_source_pixel = 0.5 * length / source_size
         first = torch.ceil(start + half_source_pixel - 0.5).to(torch.int64)
         last = torch.floor(start + length - half_source_pixel - 0.5).to(torch.int64)
