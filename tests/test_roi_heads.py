@@ -236,3 +236,30 @@ def test_point_supervision_uses_point_mask_loss():
     )
     torch.testing.assert_close(losses["loss_mask"], expected)
     assert expected > 0
+
+
+def test_point_subset_each_iteration():
+    from maskrcnn.model.point_supervision import point_mask_loss, sample_point_subset
+
+    heads = build_roi_heads(
+        _config(keypoints=False, train_on="gt_boxes", point_supervision=True, points_per_instance=2),
+        in_channels=CHANNELS,
+    ).train()
+    features, proposals, targets = _inputs()
+    for t in targets:
+        n = len(t["boxes"])
+        t["point_coords"] = t["boxes"][:, None, :2] + torch.rand(n, 8, 2) * 30
+        t["point_labels"] = torch.randint(0, 2, (n, 8)).float()
+    torch.manual_seed(7)
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    torch.manual_seed(7)  # the same draws: first the sampler's, then one subset per image
+    heads.sample_proposals(proposals, targets)
+    subsets = [sample_point_subset(t["point_labels"], 2) for t in targets]
+    assert all(((s >= 0).sum(dim=1) == 2).all() for s in subsets)
+    boxes = [t["boxes"] for t in targets]
+    logits = heads.mask_head(heads.mask_pooler(features, boxes, IMAGE_SIZES))
+    expected = point_mask_loss(
+        logits, torch.cat(boxes), torch.cat([t["point_coords"] for t in targets]), torch.cat(subsets),
+        torch.cat([t["labels"] for t in targets]),
+    )
+    torch.testing.assert_close(losses["loss_mask"], expected)
