@@ -63,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} runs")
-    print(f"{'masks':>6} {'image':>11} {'ours ms':>9} {'torchvision ms':>15} {'ratio':>7} {'cpu ratio':>9} {'max diff':>9}")
+    columns = ("masks", 6), ("image", 11), ("ours ms", 9), ("torchvision ms", 15), ("ratio", 7), ("cpu ratio", 9)
+    print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'max diff':>9}")
     for num_masks, height, width in CASES:
         masks, boxes = make_inputs(num_masks, height, width, device)
         ours = paste_masks(masks, boxes, (height, width))
