@@ -77,25 +77,28 @@ def keypoint_loss(keypoint_logits: Tensor, targets: Tensor, valid: Tensor) -> Te
     return F.cross_entropy(logits[flat_valid], targets.reshape(-1)[flat_valid])
 
 
-def _cubic_taps(output_size: Tensor, window: int, input_size: int) -> tuple[Tensor, list[Tensor]]:
-    """Bicubic resampling of `input_size` pixels to `output_size [R]` pixels (align_corners=False,
-    A = -0.75, clamped borders: F.interpolate's bicubic), for output pixels `0..window-1`.
-    Returns the first of the 4 source indices `[R, window]` and the 4 weights (each `[R, window]`),
-    computed in the same order as PyTorch so that the argmax agrees with torchvision's."""
+def _bicubic_matrix(output_size: Tensor, window: int, input_size: int) -> Tensor:
+    """`[R, window, input_size]` matrices that resize `input_size` pixels to `output_size [R]` pixels
+    as `F.interpolate(mode="bicubic", align_corners=False)` does (A = -0.75, borders clamped):
+    row j holds the 4 weights of output pixel j (rows >= output_size are unused)."""
     a = -0.75
     scale = input_size / output_size.to(torch.float32)  # [R]
     pixels = torch.arange(window, device=output_size.device, dtype=torch.float32)
-    source = scale[:, None] * (pixels + 0.5) - 0.5  # no clamp for bicubic
+    source = scale[:, None] * (pixels + 0.5) - 0.5  # [R, window]; no clamp for bicubic
     first = source.floor()
     t = source - first
 
-    def near(x: Tensor) -> Tensor:  # |x| <= 1
+    def near(x: Tensor) -> Tensor:  # the cubic convolution kernel for |x| <= 1
         return ((a + 2) * x - (a + 3)) * x * x + 1
 
-    def far(x: Tensor) -> Tensor:  # 1 < |x| < 2
+    def far(x: Tensor) -> Tensor:  # and for 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    return first.long() - 1, [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+    matrix = torch.zeros((*source.shape, input_size), device=source.device)
+    for tap, weight in enumerate([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]):
+        index = (first.long() - 1 + tap).clamp(0, input_size - 1)  # taps beyond a border repeat it
+        matrix.scatter_add_(2, index[..., None], weight[..., None])
+    return matrix
 
 
 def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,8 +110,9 @@ def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tenso
     `[R, K, 3]` (x, y, 1) and scores `[R, K]` (the resized logit at the argmax). Equal to
     torchvision's `heatmaps_to_keypoints`, which resizes one RoI at a time.
 
-    The resize is separable: along x, then along y, over a window as large as the largest RoI
-    (cells beyond a RoI's own size are masked out), one keypoint channel at a time to bound memory.
+    The resize is separable, so it is two batched matrix products per keypoint channel
+    (`rows @ heatmap @ columns^T`) over a window as large as the largest RoI; cells beyond a RoI's
+    own size are masked out. One channel at a time bounds the memory to R * window.
     """
     num_rois, num_keypoints, size = heatmaps.shape[0], heatmaps.shape[1], heatmaps.shape[-1]
     device = heatmaps.device
@@ -121,27 +125,17 @@ def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tenso
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
     out_w, out_h = widths.ceil().long(), heights.ceil().long()  # [R] resized heatmap sizes
     window_w, window_h = int(out_w.max()), int(out_h.max())
-    first_x, weights_x = _cubic_taps(out_w, window_w, size)  # [R, window_w]
-    first_y, weights_y = _cubic_taps(out_h, window_h, size)
+    rows = _bicubic_matrix(out_h, window_h, size)  # [R, window_h, S]
+    columns_t = _bicubic_matrix(out_w, window_w, size).transpose(1, 2)  # [R, S, window_w]
     outside = (torch.arange(window_h, device=device)[None, :, None] >= out_h[:, None, None]) | (
         torch.arange(window_w, device=device)[None, None, :] >= out_w[:, None, None]
     )  # [R, window_h, window_w]
 
     maps = heatmaps.to(torch.float32)
     best_index = torch.zeros((num_rois, num_keypoints), dtype=torch.int64, device=device)
-    for k in range(num_keypoints):  # one channel at a time: memory R * window_h * window_w
-        channel = maps[:, k]  # [R, S, S]
-        resized_x = sum(
-            weight[:, None, :]
-            * channel.gather(2, (first_x + tap).clamp(0, size - 1)[:, None, :].expand(-1, size, -1))
-            for tap, weight in enumerate(weights_x)
-        )  # [R, S, window_w]
-        resized = sum(
-            weight[:, :, None]
-            * resized_x.gather(1, (first_y + tap).clamp(0, size - 1)[:, :, None].expand(-1, -1, window_w))
-            for tap, weight in enumerate(weights_y)
-        )  # [R, window_h, window_w]
-        resized = resized.masked_fill(outside, float("-inf")).flatten(1)
+    for k in range(num_keypoints):  # a loop over keypoint types, not instances
+        resized = torch.bmm(torch.bmm(rows, maps[:, k]), columns_t)  # [R, window_h, window_w]
+        resized = resized.masked_fill_(outside, float("-inf")).flatten(1)
         best_index[:, k] = resized.argmax(dim=1)  # the first maximum in row-major order, as torchvision
         scores[:, k] = resized.gather(1, best_index[:, k, None])[:, 0]
 
