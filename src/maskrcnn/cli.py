@@ -189,6 +189,10 @@ def run_demo(config, *, pictures: int = 8) -> int:
           f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")  # fmt: skip
     summary = train(config)
     out = Path(config.train.output_dir)
+    if summary["interrupted"]:
+        print(f"demo: stopped by {summary['interrupted']} at iteration {summary['iteration']}; "
+              f"`maskrcnn train {out / 'config.yaml'} --resume` continues from {summary['last_checkpoint']}")  # fmt: skip
+        return 130
     val = CocoDataset(paths["val_annotations"], paths["val_images"])
     # The trainer's final evaluation wrote the COCO results; score them again for the full table.
     results = _read_json(out / "results.json")
@@ -232,7 +236,10 @@ def _external(module_name: str, command: str):
 
 
 # --------------------------------------------------------------------------- the parser
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. `command`: the subcommand about to run; the other parts' subcommands
+    (check-data, points) import their module and add their arguments only when they are the
+    one, so that `maskrcnn --help` does not import torch."""
     parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: detection, instance masks, keypoints.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -278,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("check-data", "maskrcnn.data.checker", "check a COCO annotation file against its images; list every problem"),
         ("points", "maskrcnn.data.points", "simulate point annotations from masks (point supervision)"),
     ):
+        if command != name:
+            add(name, None, help_text)  # listed in the overview; its arguments load when it runs
+            continue
         add_arguments, run, missing = _external(module, name)
         add_arguments(add(name, run, help_text + (f" [NOT AVAILABLE: {missing}]" if missing else "")))
     return parser
@@ -286,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from maskrcnn.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (CommandError, ConfigError) as error:
