@@ -4,6 +4,7 @@ import pytest
 import torch
 from torchvision.models.detection import KeypointRCNN, MaskRCNN as TvMaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 
 from maskrcnn.model.mask_rcnn import build_model
 from maskrcnn.model.weights import convert_torchvision, from_torchvision, load_checkpoint, save_checkpoint
@@ -11,7 +12,7 @@ from maskrcnn.model.weights import convert_torchvision, from_torchvision, load_c
 # see test_model.py: one thread per test process on this shared machine
 torch.set_num_threads(1)
 SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_score_thresh=0.0,
-             box_detections_per_img=6)  # the 8 x 512-channel keypoint convs cost ~4 GFLOP per detection
+             box_detections_per_img=6)
 
 
 def small_torchvision(kind: str) -> torch.nn.Module:
@@ -21,7 +22,9 @@ def small_torchvision(kind: str) -> torch.nn.Module:
     if kind == "mask":
         model = TvMaskRCNN(backbone, num_classes=5, **SMALL)
     else:
-        model = KeypointRCNN(backbone, num_classes=2, num_keypoints=5, **SMALL)
+        # a narrow keypoint head (torchvision's modules): the width is inferred from the weights
+        model = KeypointRCNN(backbone, num_classes=2, keypoint_head=KeypointRCNNHeads(256, [32] * 3),
+                             keypoint_predictor=KeypointRCNNPredictor(32, 5), **SMALL)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(10)
     return model.eval()
@@ -49,6 +52,7 @@ def test_from_torchvision_model_state_dict_and_file_agree(kind, tmp_path):
         assert not from_model.config.keypoint_head.enabled
     else:
         assert from_model.config.num_classes == 1 and from_model.config.keypoint_head.num_keypoints == 5
+        assert (from_model.config.keypoint_head.num_convs, from_model.config.keypoint_head.conv_dim) == (3, 32)
         assert not from_model.config.mask_head.enabled
         assert from_model.config.transform.min_size == [640, 672, 704, 736, 768, 800]
     for other in (from_torchvision(theirs.state_dict()), from_torchvision(str(path)),

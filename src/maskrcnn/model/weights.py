@@ -94,9 +94,13 @@ def torchvision_state_dict(source: nn.Module | dict | str | Path) -> dict[str, T
     return source
 
 
-def _find(state: dict, key: str) -> Tensor | None:
-    # accept the v1 FPN layout (inner_blocks.0.weight) where the v2 one (inner_blocks.0.0.weight) is asked
-    return state.get(key, state.get(key.replace(".0.0.", ".0.")))
+def _find(state: dict, key: str, old_key: str | None = None) -> Tensor | None:
+    """`state[key]`, or the same weight under torchvision's v1 name (`inner_blocks.0.weight` for
+    `inner_blocks.0.0.weight`, or `old_key`)."""
+    for candidate in (key, old_key or key.replace(".0.0.", ".0.")):
+        if candidate in state:
+            return state[candidate]
+    return None
 
 
 def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
@@ -121,10 +125,14 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
     if config.mask_head.enabled:
         config.mask_head.num_convs = sum(1 for k in state if re.fullmatch(r"roi_heads\.mask_head\.\d+\.0\.weight", k)
                                          or re.fullmatch(r"roi_heads\.mask_head\.mask_fcn\d+\.weight", k))
+        first_conv = _find(state, "roi_heads.mask_head.0.0.weight", "roi_heads.mask_head.mask_fcn1.weight")
+        config.mask_head.conv_dim = first_conv.shape[0]
         config.mask_head.class_agnostic = state[MASK_KEY].shape[0] == 1
     config.keypoint_head.enabled = KEYPOINT_KEY in state
     if config.keypoint_head.enabled:
         config.keypoint_head.num_keypoints = state[KEYPOINT_KEY].shape[1]  # ConvTranspose: [in, out, k, k]
+        config.keypoint_head.num_convs = sum(1 for k in state if re.fullmatch(r"roi_heads\.keypoint_head\.\d+\.weight", k))
+        config.keypoint_head.conv_dim = state["roi_heads.keypoint_head.0.weight"].shape[0]
         config.transform.min_size = list(KEYPOINT_RCNN_TRAIN_SIZES)
     return config
 
