@@ -107,7 +107,12 @@ def test_init_like_the_fcn():
     expected_std = math.sqrt(2.0 / (64 * 3 * 3))
     assert abs(stem.weight.std().item() / expected_std - 1) < 0.05
     assert head.predictor.bias.abs().max() == 0
-    assert abs(head.predictor.weight.std().item() / math.sqrt(2.0 / 5) - 1) < 0.1
+    # The predictor starts near zero: every mask logit is ~0 and the first BCE is log 2.
+    assert abs(head.predictor.weight.std().item() / 0.001 - 1) < 0.1
+    logits = head(torch.rand(3, 64, 14, 14))
+    target = torch.rand(3, 5, 28, 28).round()
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+    assert abs(loss.item() - math.log(2)) < 1e-2
     # The residual branches start at zero: each block is the identity on non-negative input.
     block = head.body[0]
     x = torch.rand(2, 64, 14, 14)
@@ -143,7 +148,7 @@ def test_trains_on_toy_target(head_cls, norm):
     torch.manual_seed(0)
     features, targets = _toy_problem()
     head = head_cls(in_channels=4, num_classes=1, conv_dim=16, num_convs=2, norm=norm)
-    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
     losses = []
     for _ in range(25):
         loss = nn.functional.binary_cross_entropy_with_logits(head(features), targets)
@@ -152,4 +157,4 @@ def test_trains_on_toy_target(head_cls, norm):
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(value) for value in losses)
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.4 * losses[0], losses

@@ -121,7 +121,8 @@ class HourglassLevel(nn.Module):
 
 
 class _MaskHeadBase(nn.Module):
-    """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor, initialised like the FCN."""
+    """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor, initialised like the FCN
+    except for the predictor (see `_init_weights`)."""
 
     def __init__(self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module) -> None:
         super().__init__()
@@ -147,6 +148,10 @@ class _MaskHeadBase(nn.Module):
         # no norm), as torchvision's `zero_init_residual`: without it the activations' variance
         # doubles at every block of a norm-free stack (2^20 for 20 blocks). The branch's last layer
         # still gets gradients at the first step, so the branches start learning at once.
+        # The predictor starts near zero (detectron2's std 0.001), so the first mask loss is log 2:
+        # kaiming fan_out on a 1-channel (class-agnostic) 1x1 conv gives weights of std sqrt(2) and
+        # logits of tens, a mask loss of ~10-25 that swamps the other losses at the start.
+        nn.init.normal_(self.predictor.weight, std=0.001)
         for module in self.modules():
             if isinstance(module, ResidualBlock):
                 last = module.branch[-1] if not isinstance(module.branch[-1], nn.Identity) else module.branch[-2]
