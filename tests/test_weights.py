@@ -5,6 +5,7 @@ import torch
 from torchvision.models.detection import KeypointRCNN, MaskRCNN as TvMaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.model.mask_rcnn import build_model
 from maskrcnn.model.weights import convert_torchvision, from_torchvision, load_checkpoint, save_checkpoint
@@ -15,10 +16,9 @@ SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=100, rpn_post_nms
              box_detections_per_img=6)
 
 
-def small_torchvision(kind: str) -> torch.nn.Module:
+def small_torchvision(kind: str, norm_layer=torch.nn.BatchNorm2d) -> torch.nn.Module:
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
-                                   norm_layer=torch.nn.BatchNorm2d)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5, norm_layer=norm_layer)
     if kind == "mask":
         model = TvMaskRCNN(backbone, num_classes=5, **SMALL)
     else:
@@ -122,3 +122,23 @@ def test_convert_torchvision_writes_a_checkpoint(tmp_path):
     assert loaded.config == converted.config
     for (name, a), (_, b) in zip(converted.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_pretrained_layout_uses_frozen_batchnorm():
+    """torchvision's pretrained models use FrozenBatchNorm2d (no num_batches_tracked in the weights)."""
+    theirs = small_torchvision("mask", norm_layer=FrozenBatchNorm2d)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in theirs.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) + 0.5)
+    ours = from_torchvision(theirs.state_dict())
+    assert ours.config.backbone.norm == "frozen_bn" and ours.config.backbone.trainable_stages == 3
+    assert not ours.backbone.body.layer1[0].conv1.weight.requires_grad
+    configure_like(ours, theirs)
+    images = [torch.rand(3, 90, 110)]
+    with torch.no_grad():
+        got, expected = ours(images)[0], theirs(images)[0]
+    assert len(expected["boxes"]) > 0
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
