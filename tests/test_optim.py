@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from maskrcnn.config import TrainConfig
-from maskrcnn.engine.optim import WarmupSchedule, build_optimizer, build_scheduler, clip_gradients
+from maskrcnn.engine.optim import WarmupSchedule, apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
 
 
 def _tiny_model() -> nn.Module:
@@ -135,3 +135,29 @@ def test_clip_gradients_scales_to_max_norm():
     torch.testing.assert_close(b.grad, torch.tensor([0.0, 0.8]), rtol=1e-5, atol=1e-6)
     assert clip_gradients([a, b], None) is None
     torch.testing.assert_close(b.grad, torch.tensor([0.0, 0.8]), rtol=1e-5, atol=1e-6)
+
+
+def test_scheduler_built_at_a_start_iteration_continues_the_same_values():
+    config = TrainConfig(lr=0.1, iterations=20, schedule="step", steps=[6, 12], warmup_iterations=4, warmup_factor=0.2)
+    optimizer = build_optimizer(_tiny_model(), config)
+    uninterrupted = _lrs(build_scheduler(optimizer, config), optimizer, 20)
+    optimizer = build_optimizer(_tiny_model(), config)
+    first = _lrs(build_scheduler(optimizer, config), optimizer, 9)
+    saved = optimizer.state_dict()
+    optimizer = build_optimizer(_tiny_model(), config)
+    optimizer.load_state_dict(saved)
+    assert first + _lrs(build_scheduler(optimizer, config, start_iteration=9), optimizer, 11) == uninterrupted
+
+
+def test_resumed_optimizer_takes_the_configs_hyperparameters():
+    old = TrainConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm_bias=0.0, iterations=10, schedule="cosine")
+    optimizer = build_optimizer(_tiny_model(), old)
+    _lrs(build_scheduler(optimizer, old), optimizer, 4)
+    saved = optimizer.state_dict()
+    new = TrainConfig(lr=0.2, momentum=0.8, weight_decay=1e-3, iterations=40, schedule="cosine", warmup_iterations=0)
+    optimizer = build_optimizer(_tiny_model(), new)
+    optimizer.load_state_dict(saved)  # brings back the old hyperparameters with the state...
+    apply_hyperparameters(optimizer, new)  # ...and the new config wins
+    scheduler = build_scheduler(optimizer, new, start_iteration=4)
+    assert [(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups] == [(1e-3, 0.8), (1e-3, 0.8)]
+    assert _lrs(scheduler, optimizer, 3) == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * i / 40)) for i in (4, 5, 6)])

@@ -361,3 +361,13 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_exits_cleanly
     stopped_at = int(output.split("RESULT SIGINT ")[1].split()[0])
     assert 2 <= stopped_at < 500
     assert load_training_state(tmp_path / "last.pth")["iteration"] == stopped_at
+
+
+def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
+    data = Rectangles(4)
+    trainer.train(tiny_config(tmp_path, iterations=4), model=tiny_model(), train_dataset=data)
+    result = trainer.train(tiny_config(tmp_path, iterations=8), resume=True, model=tiny_model(), train_dataset=data)
+    assert result["iteration"] == 8
+    lrs = dict((i, losses["lr"]) for i, losses in _losses(tmp_path))
+    assert [lrs[i] for i in (5, 6, 7, 8)] == pytest.approx([0.02 * 0.5 * (1 + np.cos(np.pi * i / 8)) for i in (4, 5, 6, 7)])
+    assert lrs[4] == pytest.approx(0.02 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))  # the first run's own schedule

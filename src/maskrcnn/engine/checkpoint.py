@@ -184,14 +184,18 @@ def restore_training_state(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Any | None,
     scaler: torch.amp.GradScaler | None,
     rank: int = 0,
 ) -> int:
-    """Load model, optimizer, scheduler, scaler and this rank's random state; returns the iteration."""
+    """Load model, optimizer, scheduler, scaler and this rank's random state; returns the iteration.
+
+    scheduler None: leave it out (the trainer rebuilds its schedule from the config instead).
+    """
     unwrap_model(model).load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint.get("rng") or []

@@ -111,8 +111,15 @@ class WarmupSchedule:
         return main
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over `WarmupSchedule`; call `.step()` once after every optimizer step."""
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *,
+                    start_iteration: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over `WarmupSchedule`; call `.step()` once after every optimizer step.
+
+    start_iteration: iterations already done (resuming). The schedule is a function of the
+    config and the iteration alone, so a resumed run rebuilds it instead of loading it: the
+    same numbers when the config is unchanged, and the new schedule when, say,
+    `train.iterations` was raised to train longer.
+    """
     schedule = WarmupSchedule(
         schedule=config.schedule,
         iterations=config.iterations,
@@ -121,7 +128,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
         warmup_iterations=config.warmup_iterations,
         warmup_factor=config.warmup_factor,
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if start_iteration == 0:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr  # LambdaLR's base rate when it starts past iteration 0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_iteration - 1)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """Set the config's weight decay and momentum on an optimizer whose state was loaded.
+
+    `optimizer.load_state_dict` brings back the saved hyperparameters along with the momentum
+    buffers; the config (what the user asked for now) decides the former. Groups are in
+    `parameter_groups` order: regular, then norm-or-bias.
+    """
+    decay_norm_bias = config.weight_decay if config.weight_decay_norm_bias is None else config.weight_decay_norm_bias
+    for group, decay in zip(optimizer.param_groups, (config.weight_decay, decay_norm_bias)):
+        group["weight_decay"] = decay
+        if "momentum" in group:
+            group["momentum"] = config.momentum
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:

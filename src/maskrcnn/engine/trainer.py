@@ -9,8 +9,8 @@ evaluation, e.g. `{"iteration": 20, "lr": 0.02, "loss": 1.3, "loss_mask": 0.4, .
 `best.pth`, and `last.pth` every `checkpoint_every` iterations, on SIGINT/SIGTERM and at the end.
 
 Exact resume: the checkpoint holds the model, optimizer, scheduler, scaler, the number of
-completed iterations, every rank's random state and the data position; the loader restarts at
-that iteration, so a resumed run computes the same iterations as an uninterrupted one
+completed iterations, every rank's random state and the data position; the learning-rate
+schedule is rebuilt from the config at that iteration, the loader restarts there, so a resumed run computes the same iterations as an uninterrupted one
 (bitwise on the CPU). Nothing outside the loss computation may draw from the global random
 generators for that to hold, hence the `rng_preserved` blocks around loader start-up and
 evaluation.
@@ -49,7 +49,7 @@ from maskrcnn.engine.checkpoint import (
     training_state,
     unwrap_model,
 )
-from maskrcnn.engine.optim import build_optimizer, build_scheduler, clip_gradients
+from maskrcnn.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -258,7 +258,6 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     if train_dataset is None:
         train_dataset, val_dataset = build_datasets(config, context)
     optimizer = build_optimizer(model, settings)
-    scheduler = build_scheduler(optimizer, settings)
     # fp16 needs loss scaling (GradScaler); bf16 has float32's range and runs without it.
     use_amp = settings.amp and device.type in ("cuda", "cpu")
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -270,10 +269,12 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         checkpoint = load_training_state(last_path, map_location="cpu")
         _check_resumable(checkpoint, config, context, last_path)
         start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
-                                                 scheduler=scheduler, scaler=scaler, rank=context.rank)  # fmt: skip
+                                                 scheduler=None, scaler=scaler, rank=context.rank)  # fmt: skip
+        apply_hyperparameters(optimizer, settings)  # the config's, e.g. after raising train.iterations
         best_metric = checkpoint.get("best_metric")
     else:
         seed_everything(settings.seed + 1000 * context.rank)  # per-rank sampling of anchors and RoIs
+    scheduler = build_scheduler(optimizer, settings, start_iteration=start_iteration)
     model = distributed.wrap_model(model, context, device)
     model.train()
     # A DataLoader draws its base seed from the global generator, and its workers start here.
