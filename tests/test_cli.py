@@ -124,3 +124,29 @@ def test_demo_then_evaluate_then_predict(tmp_path, capsys):
     assert code == 1 and "broken.png" in err and "missing.png" in err
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
     assert isinstance(json.loads((tmp_path / "pred" / "results.json").read_text()), list)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("maskrcnn.model.weights") is None, reason="weights.py has not landed yet")
+def test_convert_gives_a_checkpoint_that_detects_like_torchvision(tmp_path, capsys):
+    import torch
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from maskrcnn.model.weights import load_checkpoint
+
+    torch.manual_seed(0)
+    reference = MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
+                         num_classes=4, min_size=96, max_size=96).eval()  # fmt: skip
+    with torch.no_grad():
+        reference.roi_heads.box_predictor.cls_score.weight *= 30  # random weights: make some detections confident
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    assert main(["convert", str(tmp_path / "tv.pth"), str(tmp_path / "ours.pth")]) == 0
+    assert "3 classes" in capsys.readouterr().out
+    ours = load_checkpoint(tmp_path / "ours.pth")
+    ours.transform.min_size, ours.transform.max_size = reference.transform.min_size, reference.transform.max_size
+    image = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = reference([image])[0], ours([image])[0]
+    assert len(expected["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"], atol=1e-3, rtol=1e-4)
+    assert torch.equal(got["labels"], expected["labels"])
