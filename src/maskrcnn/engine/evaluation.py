@@ -328,22 +328,21 @@ def flatten_metrics(metrics: Mapping[str, Mapping]) -> dict[str, float]:
 
 
 def format_table(metrics: Mapping[str, Mapping]) -> str:
-    """A plain-text table: one row per IoU type (AP, AP50, AP75, APs/m/l), then per-class AP."""
+    """A plain-text table in percent: one row per IoU type (and class group), then AP per class."""
     def cell(value: float | None) -> str:
-        return "   -  " if value is None or value < 0 or math.isnan(value) else f"{100 * value:6.1f}"
+        return f"{'-':>7s}" if value is None or value < 0 or math.isnan(value) else f"{100 * value:7.1f}"
 
     columns = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    lines = [f"{'':10s}" + "".join(f"{c:>7s}" for c in columns)]
-    for iou_type, entry in metrics.items():
-        lines.append(f"{iou_type:10s}" + "".join(" " + cell(entry.get(c)) for c in columns))
-    for iou_type, entry in metrics.items():
-        for group, stats in entry.get("groups", {}).items():
-            lines.append(f"{iou_type + ':' + group:10s}" + "".join(" " + cell(stats.get(c)) for c in columns))
+    rows = [(iou_type, entry) for iou_type, entry in metrics.items()]
+    rows += [(f"{iou_type} {group}", stats) for iou_type, entry in metrics.items()
+             for group, stats in entry.get("groups", {}).items()]  # fmt: skip
+    width = max([len(name) for name, _ in rows] + [12]) + 1
+    lines = [f"{'':{width}s}" + "".join(f"{c:>7s}" for c in columns)]
+    lines += [f"{name:{width}s}" + "".join(cell(stats.get(c)) for c in columns) for name, stats in rows]
     classes = list(next(iter(metrics.values()), {}).get("per_class", {}))
     if classes:
-        lines.append("")
-        lines.append(f"{'AP per class':16s}" + "".join(f"{t:>10s}" for t in metrics))
+        width = max([len(name) for name in classes] + [12]) + 1
+        lines += ["", f"{'AP per class':{width}s}" + "".join(f"{t:>10s}" for t in metrics)]
         for name in classes:
-            row = "".join(f"{cell(metrics[t]['per_class'].get(name)):>10s}" for t in metrics)
-            lines.append(f"{name[:16]:16s}" + row)
+            lines.append(f"{name:{width}s}" + "".join(f"{cell(metrics[t]['per_class'].get(name)):>10s}" for t in metrics))
     return "\n".join(lines)
