@@ -16,9 +16,9 @@ name:
 
 `num_classes` is 1 for class-agnostic masks (what the partially supervised setting needs).
 
-Layers (parameter names): `stem` (conv3x3 in_channels -> conv_dim), `blocks` (ResidualMaskHead)
-or `hourglass` (HourglassMaskHead), `deconv` (ConvTranspose2d conv_dim -> conv_dim, 2x2, s2),
-`predictor` (conv1x1 conv_dim -> num_classes).
+Layers (parameter names): `stem` (conv3x3 in_channels -> conv_dim [+ norm] + ReLU), `body` (the
+residual blocks, or the outermost HourglassLevel), `deconv` (ConvTranspose2d conv_dim -> conv_dim,
+2x2, s2), `predictor` (conv1x1 conv_dim -> num_classes). No torchvision counterpart.
 """
 
 from __future__ import annotations
