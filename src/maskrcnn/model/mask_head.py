@@ -24,6 +24,7 @@ from maskrcnn.model.box_head import conv3x3_norm_relu
 
 MASK_ARCHITECTURES = ("fcn", "deep_fcn", "resnet", "hourglass")
 _NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+_WIDTH_GROUPS = 4  # paste_masks pastes masks in this many groups of similar width
 
 
 class MaskFCNHead(nn.Module):
@@ -185,8 +186,8 @@ def paste_masks(
     `aligned=True` works in continuous coordinates (as detectron2): the mask covers its box
     exactly and each pixel samples it at its centre; use it with aligned RoIAlign targets.
 
-    All masks at once: bilinear resizing is separable, so each mask is first resized along x over
-    a window of columns as wide as the widest box, then each of its rows inside the image is
+    Batched: bilinear resizing is separable, so each mask is first resized along x over a window
+    of columns as wide as the widest box of its group, then each of its rows inside the image is
     interpolated from two of those rows and written in one indexed copy. The work grows with the
     pasted area, not with N * H * W; there is no Python loop over masks.
     """
@@ -207,18 +208,34 @@ def paste_masks(
     start, length, first, last = _mask_spans(boxes.to(torch.float32), masks.shape[-1], padding, aligned)
     first = first.clamp(min=0)
     last = torch.minimum(last, torch.tensor([width - 1, height - 1], device=device))
-    num_inside = (last - first + 1).clamp(min=0)  # [N, 2] pasted columns, rows
+    # Masks of similar width share a window of columns: pasting them in a few groups sorted by width
+    # keeps each window close to its masks' own width (a fixed number of groups, not a loop over masks).
+    order = (last[:, 0] - first[:, 0]).argsort()
+    for group in order.chunk(_WIDTH_GROUPS):
+        _paste_group(pasted, group, padded[group], start[group], length[group], first[group], last[group])
+    return pasted
+
+
+def _paste_group(
+    pasted: Tensor, group: Tensor, padded: Tensor, start: Tensor, length: Tensor, first: Tensor, last: Tensor
+) -> None:
+    """Write the resized `padded [n, P, P]` masks into images `group [n]` of `pasted [N, 1, H, W]`
+    between the image pixels `first [n, 2]` and `last [n, 2]` (x, y; inclusive, inside the image);
+    the padded masks span `[start, start + length)` in continuous coordinates."""
+    num_masks, height, width = len(group), pasted.shape[-2], pasted.shape[-1]
+    source_size, device = padded.shape[-1], padded.device
+    num_inside = (last - first + 1).clamp(min=0)  # [n, 2] pasted columns, rows
     window, num_rows = int(num_inside[:, 0].max()), int(num_inside[:, 1].sum())
     if window == 0 or num_rows == 0:
-        return pasted
+        return
 
-    # 1. Along x, over `window` image columns per mask (zero outside the span): [N, P, window].
-    window_start = first[:, 0].clamp(max=width - window)  # [N]
-    cols = window_start[:, None] + torch.arange(window, device=device)  # [N, window]
+    # 1. Along x, over `window` image columns per mask (zero outside the span): [n, P, window].
+    window_start = first[:, 0].clamp(max=width - window)  # [n]
+    cols = window_start[:, None] + torch.arange(window, device=device)  # [n, window]
     left, right, weight_x = _bilinear_taps(cols, start[:, :1], length[:, :1], source_size)
     inside = ((cols >= first[:, :1]) & (cols <= last[:, :1])).to(torch.float32)
 
-    def columns(index: Tensor) -> Tensor:  # [N, window] -> [N, P, window]
+    def columns(index: Tensor) -> Tensor:  # [n, window] -> [n, P, window]
         return padded.gather(2, index[:, None, :].expand(-1, source_size, -1))
 
     resized_x = ((1 - weight_x)[:, None] * columns(left) + weight_x[:, None] * columns(right)) * inside[:, None]
@@ -236,6 +253,5 @@ def paste_masks(
     # Each pasted row fills `window` consecutive pixels of one image row. `unfold` views every image
     # row as all its windows of that width (overlapping views of the same memory); the windows written
     # here never overlap, so every pixel is written at most once, by one row copy.
-    windows = pasted.view(num_masks * height, width).unfold(1, window, 1)  # [N * H, W - window + 1, window]
-    windows[owner * height + rows, window_start[owner]] = values.to(dtype)
-    return pasted
+    windows = pasted.view(-1, width).unfold(1, window, 1)  # [N * H, W - window + 1, window]
+    windows[group[owner] * height + rows, window_start[owner]] = values.to(pasted.dtype)
