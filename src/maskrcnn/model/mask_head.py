@@ -203,8 +203,7 @@ def paste_masks(
     if num_masks == 0:
         return pasted
 
-    source_size = masks.shape[-1] + 2 * padding
-    padded = F.pad(masks[:, 0], (padding,) * 4).to(torch.float32)  # [N, P, P]
+    padded = F.pad(masks[:, 0], (padding,) * 4).to(torch.float32)  # [N, P, P], P = M + 2 * padding
     start, length, first, last = _mask_spans(boxes.to(torch.float32), masks.shape[-1], padding, aligned)
     first = first.clamp(min=0)
     last = torch.minimum(last, torch.tensor([width - 1, height - 1], device=device))
