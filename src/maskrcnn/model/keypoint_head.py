@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+_SIZE_GROUPS = 4  # heatmaps_to_keypoints decodes RoIs in this many groups of similar size
+
 
 class KeypointHead(nn.Module):
     """`num_convs` x (conv3x3 + ReLU), ConvTranspose 4x4 stride 2, then 2x bilinear upsampling.
@@ -101,6 +103,31 @@ def _bicubic_matrix(output_size: Tensor, window: int, input_size: int) -> Tensor
     return matrix
 
 
+def _resized_argmax(heatmaps: Tensor, out_h: Tensor, out_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Resize each `heatmaps [n, K, S, S]` to `out_h [n] x out_w [n]` bicubically and return the
+    argmax row, column (`[n, K]` int64, the first maximum in row-major order, as torchvision's
+    argmax) and the maximum."""
+    num_rois, num_keypoints, size = heatmaps.shape[0], heatmaps.shape[1], heatmaps.shape[-1]
+    window_h, window_w = int(out_h.max()), int(out_w.max())
+    rows = _bicubic_matrix(out_h, window_h, size)  # [n, window_h, S]
+    columns_t = _bicubic_matrix(out_w, window_w, size).transpose(1, 2)  # [n, S, window_w]
+    device = heatmaps.device
+    outside = (torch.arange(window_h, device=device)[None, :, None] >= out_h[:, None, None]) | (
+        torch.arange(window_w, device=device)[None, None, :] >= out_w[:, None, None]
+    )  # [n, window_h, window_w]: beyond the RoI's own size
+
+    maps = heatmaps.to(torch.float32)
+    best_index = torch.zeros((num_rois, num_keypoints), dtype=torch.int64, device=device)
+    best_score = torch.zeros((num_rois, num_keypoints), dtype=torch.float32, device=device)
+    for k in range(num_keypoints):  # a loop over keypoint types, not instances: memory n * window
+        resized = torch.bmm(torch.bmm(rows, maps[:, k]), columns_t)  # [n, window_h, window_w]
+        resized = resized.masked_fill_(outside, float("-inf")).flatten(1)
+        best_index[:, k] = resized.argmax(dim=1)
+        best_score[:, k] = resized.gather(1, best_index[:, k, None])[:, 0]
+    best_y = torch.div(best_index, window_w, rounding_mode="floor")
+    return best_y, best_index - best_y * window_w, best_score
+
+
 def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
     """Keypoint positions and scores from heatmap logits, for all RoIs at once.
 
@@ -111,8 +138,8 @@ def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tenso
     torchvision's `heatmaps_to_keypoints`, which resizes one RoI at a time.
 
     The resize is separable, so it is two batched matrix products per keypoint channel
-    (`rows @ heatmap @ columns^T`) over a window as large as the largest RoI; cells beyond a RoI's
-    own size are masked out. One channel at a time bounds the memory to R * window.
+    (`rows @ heatmap @ columns^T`) over a window as large as the largest RoI of a group of
+    similar-size RoIs; cells beyond a RoI's own size are masked out.
     """
     num_rois, num_keypoints, size = heatmaps.shape[0], heatmaps.shape[1], heatmaps.shape[-1]
     device = heatmaps.device
@@ -124,23 +151,11 @@ def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tenso
     widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
     out_w, out_h = widths.ceil().long(), heights.ceil().long()  # [R] resized heatmap sizes
-    window_w, window_h = int(out_w.max()), int(out_h.max())
-    rows = _bicubic_matrix(out_h, window_h, size)  # [R, window_h, S]
-    columns_t = _bicubic_matrix(out_w, window_w, size).transpose(1, 2)  # [R, S, window_w]
-    outside = (torch.arange(window_h, device=device)[None, :, None] >= out_h[:, None, None]) | (
-        torch.arange(window_w, device=device)[None, None, :] >= out_w[:, None, None]
-    )  # [R, window_h, window_w]
-
-    maps = heatmaps.to(torch.float32)
-    best_index = torch.zeros((num_rois, num_keypoints), dtype=torch.int64, device=device)
-    for k in range(num_keypoints):  # a loop over keypoint types, not instances
-        resized = torch.bmm(torch.bmm(rows, maps[:, k]), columns_t)  # [R, window_h, window_w]
-        resized = resized.masked_fill_(outside, float("-inf")).flatten(1)
-        best_index[:, k] = resized.argmax(dim=1)  # the first maximum in row-major order, as torchvision
-        scores[:, k] = resized.gather(1, best_index[:, k, None])[:, 0]
-
-    best_y = torch.div(best_index, window_w, rounding_mode="floor")
-    best_x = best_index - best_y * window_w
+    best_x = torch.zeros((num_rois, num_keypoints), dtype=torch.int64, device=device)
+    best_y = torch.zeros_like(best_x)
+    # RoIs of similar size share a window: a few groups sorted by area keep it close to their sizes.
+    for group in (out_w * out_h).argsort().chunk(_SIZE_GROUPS):
+        best_y[group], best_x[group], scores[group] = _resized_argmax(heatmaps[group], out_h[group], out_w[group])
     # Cell centres (+0.5), scaled back from whole pixels to the RoI's true size.
     keypoints[..., 0] = (best_x.float() + 0.5) * (widths / out_w)[:, None] + rois[:, 0, None]
     keypoints[..., 1] = (best_y.float() + 0.5) * (heights / out_h)[:, None] + rois[:, 1, None]
