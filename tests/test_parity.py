@@ -53,15 +53,10 @@ def pair(request):
                 module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) + 0.5)
     theirs.eval()
     ours = from_torchvision(theirs)
-    # from_torchvision reproduces the builders' defaults; align the small test settings
-    if arch == "keypointrcnn":
-        assert ours.transform.min_size == (640, 672, 704, 736, 768, 800)
-    else:
-        assert ours.transform.min_size == (800,) and ours.transform.max_size == 1333
-    ours.transform.min_size, ours.transform.min_size_test, ours.transform.max_size = (MIN_SIZE,), MIN_SIZE, MAX_SIZE
-    ours.rpn.pre_nms_top_n["test"], ours.rpn.post_nms_top_n["test"] = 300, 200
-    ours.roi_heads.score_thresh, ours.roi_heads.detections_per_img = 0.0, 10
-    ours.roi_heads.sampler.batch_size_per_image = 128
+    # from a live model, its own settings are copied (not the builder's defaults)
+    assert ours.transform.min_size == (MIN_SIZE,) and ours.transform.max_size == MAX_SIZE
+    assert ours.rpn.post_nms_top_n["test"] == 200 and ours.roi_heads.detections_per_img == 10
+    assert ours.roi_heads.score_thresh == 0.0 and ours.roi_heads.sampler.batch_size_per_image == 128
     return arch, ours, theirs
 
 

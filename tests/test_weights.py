@@ -45,22 +45,25 @@ def test_from_torchvision_model_state_dict_and_file_agree(kind, tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(theirs.state_dict(), path)
     from_model = from_torchvision(theirs)
-    assert not from_model.training
-    assert from_model.config.backbone.depth == 18 and from_model.config.backbone.norm == "bn"
-    if kind == "mask":
-        assert from_model.config.num_classes == 4 and from_model.config.mask_head.enabled
-        assert not from_model.config.keypoint_head.enabled
-    else:
-        assert from_model.config.num_classes == 1 and from_model.config.keypoint_head.num_keypoints == 5
-        assert (from_model.config.keypoint_head.num_convs, from_model.config.keypoint_head.conv_dim) == (3, 32)
-        assert not from_model.config.mask_head.enabled
-        assert from_model.config.transform.min_size == [640, 672, 704, 736, 768, 800]
-    for other in (from_torchvision(theirs.state_dict()), from_torchvision(str(path)),
-                  from_torchvision({"model": theirs.state_dict(), "epoch": 3})):
+    from_state = from_torchvision(theirs.state_dict())
+    assert not from_model.training and not from_state.training
+    for config in (from_model.config, from_state.config):
+        assert config.backbone.depth == 18 and config.backbone.norm == "bn"
+        if kind == "mask":
+            assert config.num_classes == 4 and config.mask_head.enabled and not config.keypoint_head.enabled
+        else:
+            assert config.num_classes == 1 and config.keypoint_head.num_keypoints == 5
+            assert (config.keypoint_head.num_convs, config.keypoint_head.conv_dim) == (3, 32)
+            assert not config.mask_head.enabled
+    # weights alone: the builder's settings; a live model: its own
+    builder_sizes = [640, 672, 704, 736, 768, 800] if kind == "keypoint" else [800]
+    assert from_state.config.transform.min_size == builder_sizes and from_state.config.box_head.score_thresh == 0.05
+    assert from_model.config.transform.min_size == [96] and from_model.config.box_head.score_thresh == 0.0
+    assert from_model.config.rpn.post_nms_top_n_test == 50 and from_model.config.box_head.detections_per_img == 6
+    for other in (from_state, from_torchvision(str(path)), from_torchvision({"model": theirs.state_dict(), "epoch": 3})):
         for (name, a), (_, b) in zip(from_model.state_dict().items(), other.state_dict().items()):
             assert torch.equal(a, b), name
 
-    configure_like(from_model, theirs)
     images = [torch.rand(3, 80, 100), torch.rand(3, 120, 90)]
     with torch.no_grad():
         got, expected = from_model(images), theirs(images)

@@ -66,6 +66,8 @@ def from_torchvision(source: nn.Module | dict | str | Path) -> MaskRCNN:
     """
     state = torchvision_state_dict(source)
     config = config_for_torchvision(state)
+    if isinstance(source, nn.Module):  # a live model also tells its settings, which may differ from the builders'
+        copy_torchvision_settings(source, config)
     model = build_model(config)
     load_state_dict_checked(model, convert_torchvision_state_dict(state), what="torchvision weights")
     return model.eval()
@@ -135,6 +137,49 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
         config.keypoint_head.conv_dim = state["roi_heads.keypoint_head.0.weight"].shape[0]
         config.transform.min_size = list(KEYPOINT_RCNN_TRAIN_SIZES)
     return config
+
+
+def copy_torchvision_settings(model: nn.Module, config: ModelConfig) -> None:
+    """Read the inference and training settings of a torchvision GeneralizedRCNN into `config`."""
+    transform, rpn, heads = model.transform, model.rpn, model.roi_heads
+    config.transform.min_size = [int(s) for s in transform.min_size]
+    config.transform.min_size_test = int(transform.min_size[-1])  # torchvision evaluates at the last one
+    config.transform.max_size = int(transform.max_size)
+    config.transform.image_mean, config.transform.image_std = list(transform.image_mean), list(transform.image_std)
+    config.transform.size_divisible = int(transform.size_divisible)
+    anchor_sizes = rpn.anchor_generator.sizes
+    if any(len(sizes) != 1 for sizes in anchor_sizes) or len(set(map(tuple, rpn.anchor_generator.aspect_ratios))) != 1:
+        raise ValueError(f"anchors {anchor_sizes}: one size per level and the same aspect ratios on every level expected")
+    config.rpn.anchor_sizes = [int(sizes[0]) for sizes in anchor_sizes]
+    config.rpn.aspect_ratios = [float(r) for r in rpn.anchor_generator.aspect_ratios[0]]
+    config.rpn.pre_nms_top_n_train, config.rpn.pre_nms_top_n_test = rpn._pre_nms_top_n["training"], rpn._pre_nms_top_n["testing"]
+    config.rpn.post_nms_top_n_train = rpn._post_nms_top_n["training"]
+    config.rpn.post_nms_top_n_test = rpn._post_nms_top_n["testing"]
+    config.rpn.nms_thresh, config.rpn.score_thresh = rpn.nms_thresh, rpn.score_thresh
+    config.rpn.fg_iou_thresh = rpn.proposal_matcher.high_threshold
+    config.rpn.bg_iou_thresh = rpn.proposal_matcher.low_threshold
+    config.rpn.batch_size_per_image = rpn.fg_bg_sampler.batch_size_per_image
+    config.rpn.positive_fraction = rpn.fg_bg_sampler.positive_fraction
+    box = config.box_head
+    box.fg_iou_thresh, box.bg_iou_thresh = heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold
+    box.batch_size_per_image = heads.fg_bg_sampler.batch_size_per_image
+    box.positive_fraction = heads.fg_bg_sampler.positive_fraction
+    box.bbox_reg_weights = [float(w) for w in heads.box_coder.weights]
+    box.score_thresh, box.nms_thresh, box.detections_per_img = heads.score_thresh, heads.nms_thresh, heads.detections_per_img
+    box.pooler_resolution, box.sampling_ratio = _pooler_settings(heads.box_roi_pool)
+    if config.mask_head.enabled:
+        config.mask_head.pooler_resolution, config.mask_head.sampling_ratio = _pooler_settings(heads.mask_roi_pool)
+    if config.keypoint_head.enabled:
+        config.keypoint_head.pooler_resolution, config.keypoint_head.sampling_ratio = _pooler_settings(
+            heads.keypoint_roi_pool
+        )
+
+
+def _pooler_settings(pooler: nn.Module) -> tuple[int, int]:
+    output_size = pooler.output_size
+    if len(set(output_size)) != 1:
+        raise ValueError(f"RoI pooler output size {output_size}: square pooling expected")
+    return int(output_size[0]), int(pooler.sampling_ratio)
 
 
 def _resnet_depth(state: dict[str, Tensor]) -> int:
