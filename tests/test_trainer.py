@@ -165,6 +165,15 @@ def tiny_config(output_dir, **train) -> Config:
     return Config(train=TrainConfig(**settings), data=DataConfig(num_workers=0))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine's cores are shared: one intra-op thread is several times faster there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _loader(monkeypatch):
     """The data helper's loader (shuffled, iteration-based) where it exists, `simple_batches` before."""
@@ -240,10 +249,12 @@ def test_resume_refuses_a_different_model(tmp_path):
         trainer.train(config, resume=True, model=tiny_model(), train_dataset=data)
 
 
-def test_amp_bf16_on_cpu_and_gradient_clipping_train_with_finite_losses(tmp_path):
-    result = trainer.train(tiny_config(tmp_path, iterations=2, amp=True, clip_grad_norm=0.5),
+def test_amp_bf16_on_cpu_and_gradient_clipping_train_with_finite_losses(tmp_path, monkeypatch):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    result = trainer.train(tiny_config(tmp_path, iterations=2, amp=True, clip_grad_norm=0.5, cpu_threads=3),
                            model=tiny_model(), train_dataset=Rectangles(4))  # fmt: skip
-    assert result["iteration"] == 2
+    assert result["iteration"] == 2 and threads == [3]
     assert all(np.isfinite(v) for _, losses in _losses(tmp_path) for v in losses.values())
 
 
@@ -371,3 +382,23 @@ def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
     lrs = dict((i, losses["lr"]) for i, losses in _losses(tmp_path))
     assert [lrs[i] for i in (5, 6, 7, 8)] == pytest.approx([0.02 * 0.5 * (1 + np.cos(np.pi * i / 8)) for i in (4, 5, 6, 7)])
     assert lrs[4] == pytest.approx(0.02 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))  # the first run's own schedule
+
+
+def test_resume_with_our_model_ends_with_the_same_weights(tmp_path):
+    """The acceptance check with our Mask R-CNN (box, mask and keypoint heads), not a stand-in."""
+    pytest.importorskip("maskrcnn.model.mask_rcnn")
+    from maskrcnn.model.mask_rcnn import build_model
+
+    def run(output_dir, *, resume=False, signal_at=None):
+        config = tiny_config(output_dir, iterations=4)
+        config.model = tiny_model_config()
+        torch.manual_seed(7 if not resume else 8)  # a resumed run's own initialisation must not matter
+        model = Sabotage(build_model(config.model), signal_at=signal_at)
+        return trainer.train(config, resume=resume, model=model, train_dataset=Rectangles(8))
+
+    full = run(tmp_path / "full")
+    assert run(tmp_path / "cut", signal_at=2)["iteration"] == 2
+    resumed = run(tmp_path / "cut", resume=True)
+    assert resumed["iteration"] == 4
+    for name, value in full["model"].state_dict().items():
+        assert torch.equal(value, resumed["model"].state_dict()[name]), name

@@ -170,6 +170,7 @@ class TrainConfig:
     log_every: int = 20
     best_metric: str = "auto"  # flat metric name kept for best.pth, e.g. "segm/AP"; auto = segm, bbox, keypoints AP
     tensorboard: bool = True  # also write TensorBoard event files (metrics.jsonl is always written)
+    cpu_threads: int | None = None  # torch.set_num_threads for this run; None = PyTorch's default (one per core)
     init_weights: str | None = None  # a checkpoint or torchvision .pth to start from
 
 

@@ -251,6 +251,10 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
 
+    if settings.cpu_threads is not None:
+        # On a CPU shared with other work, fewer threads than cores can be several times faster:
+        # each operator's threads wait for one another, and a busy core keeps them all waiting.
+        torch.set_num_threads(settings.cpu_threads)
     seed_everything(settings.seed)  # the same initial weights on every rank
     model = (model if model is not None else build_model_from_config(config)).to(device)
     if settings.init_weights and not (resume and last_path.exists()):
