@@ -263,3 +263,25 @@ def test_point_subset_each_iteration():
         torch.cat([t["labels"] for t in targets]),
     )
     torch.testing.assert_close(losses["loss_mask"], expected)
+
+
+def test_point_supervision_with_different_point_counts_per_image():
+    """One image with 6 points per object, the other without objects ([0, 0, 2]): the batch pads."""
+    from maskrcnn.model.point_supervision import point_mask_loss
+
+    torch.manual_seed(0)
+    heads = build_roi_heads(
+        _config(keypoints=False, train_on="gt_boxes", point_supervision=True), in_channels=CHANNELS
+    ).train()
+    features, proposals, targets = _inputs()
+    first, second = targets[0], targets[1]
+    del first["masks"], second["masks"]
+    n = len(first["boxes"])
+    first["point_coords"] = first["boxes"][:, None, :2] + torch.rand(n, 6, 2) * 30
+    first["point_labels"] = torch.randint(0, 2, (n, 6)).float()
+    second["boxes"], second["labels"] = second["boxes"][:0], second["labels"][:0]
+    second["point_coords"], second["point_labels"] = torch.zeros(0, 0, 2), torch.zeros(0, 0)
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    logits = heads.mask_head(heads.mask_pooler(features, [first["boxes"]], IMAGE_SIZES[:1]))
+    expected = point_mask_loss(logits, first["boxes"], first["point_coords"], first["point_labels"], first["labels"])
+    torch.testing.assert_close(losses["loss_mask"], expected)

@@ -245,8 +245,11 @@ class RoIHeads(nn.Module):
             point_labels = [t["point_labels"] for t in targets]
             if self.points_per_instance is not None:
                 point_labels = [sample_point_subset(p, self.points_per_instance) for p in point_labels]
-            coords = torch.cat([t["point_coords"][m] for t, m in zip(targets, matched)])
-            point_labels = torch.cat([p[m] for p, m in zip(point_labels, matched)])
+            # Images carry different numbers of points (an image without objects has [0, 0, 2]):
+            # pad to the batch's largest count with label -1, which the loss ignores.
+            width = max(p.shape[1] for p in point_labels)
+            coords = torch.cat([_pad_points(t["point_coords"][m], width, 0.0) for t, m in zip(targets, matched)])
+            point_labels = torch.cat([_pad_points(p[m], width, -1.0) for p, m in zip(point_labels, matched)])
             return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels))
         mask_size = mask_logits.shape[-1]
         aligned = self.mask_pooler.aligned
@@ -312,6 +315,15 @@ class RoIHeads(nn.Module):
             for t, m, p, b in zip(targets, samples.matched_idxs, positives, boxes)
         ]
         return keypoint_loss(heatmaps, torch.cat([t for t, _ in per_image]), torch.cat([v for _, v in per_image]))
+
+
+def _pad_points(values: Tensor, width: int, fill: float) -> Tensor:
+    """Pad `[R, P, ...]` point coordinates or labels along P to `width` with `fill`."""
+    missing = width - values.shape[1]
+    if missing == 0:
+        return values
+    padding = values.new_full((values.shape[0], missing, *values.shape[2:]), fill)
+    return torch.cat([values, padding], dim=1)
 
 
 def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
