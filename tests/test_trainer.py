@@ -377,6 +377,8 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_exits_cleanly
 def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
     data = Rectangles(4)
     trainer.train(tiny_config(tmp_path, iterations=4), model=tiny_model(), train_dataset=data)
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"iteration": 5, "loss": 1.')  # a record cut short by a crash: dropped on resume
     result = trainer.train(tiny_config(tmp_path, iterations=8), resume=True, model=tiny_model(), train_dataset=data)
     assert result["iteration"] == 8
     lrs = dict((i, losses["lr"]) for i, losses in _losses(tmp_path))

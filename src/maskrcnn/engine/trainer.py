@@ -198,8 +198,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]  # fmt: skip
+            kept = [line for line in self.path.read_text().splitlines() if _iteration_of(line) <= start_iteration]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -218,6 +217,14 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _iteration_of(line: str) -> float:
+    """A metrics record's iteration; infinity for a line a crash cut short (it is dropped)."""
+    try:
+        return json.loads(line).get("iteration", 0)
+    except ValueError:
+        return math.inf
 
 
 def _non_finite_message(iteration: int, names: list[str], values: torch.Tensor, last: Path) -> str:
