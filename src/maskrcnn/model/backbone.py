@@ -52,7 +52,8 @@ class ResNetBody(nn.Module):
             raise ValueError(f"backbone depth {depth} is not one of {sorted(RESNETS)}")
         network = RESNETS[depth](weights=None, norm_layer=norm_layer_for(norm))
         self.conv1, self.bn1, self.relu, self.maxpool = network.conv1, network.bn1, network.relu, network.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = network.layer1, network.layer2, network.layer3, network.layer4
+        self.layer1, self.layer2 = network.layer1, network.layer2
+        self.layer3, self.layer4 = network.layer3, network.layer4
         # C2..C5 channels: 64..512 for the basic blocks of ResNet-18/34, 256..2048 for bottlenecks
         expansion = 4 if depth >= 50 else 1
         self.out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]

@@ -128,7 +128,9 @@ class RegionProposalNetwork(nn.Module):
         self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios))
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         # Low-quality matches: every gt keeps its best anchors even below fg_iou_thresh.
-        self.matcher = Matcher(high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=True)
+        self.matcher = Matcher(
+            high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=True
+        )
         self.sampler = BalancedSampler(batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction)
         self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
         self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}

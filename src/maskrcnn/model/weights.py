@@ -133,7 +133,8 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
     config.keypoint_head.enabled = KEYPOINT_KEY in state
     if config.keypoint_head.enabled:
         config.keypoint_head.num_keypoints = state[KEYPOINT_KEY].shape[1]  # ConvTranspose: [in, out, k, k]
-        config.keypoint_head.num_convs = sum(1 for k in state if re.fullmatch(r"roi_heads\.keypoint_head\.\d+\.weight", k))
+        keypoint_convs = [k for k in state if re.fullmatch(r"roi_heads\.keypoint_head\.\d+\.weight", k)]
+        config.keypoint_head.num_convs = len(keypoint_convs)
         config.keypoint_head.conv_dim = state["roi_heads.keypoint_head.0.weight"].shape[0]
         config.transform.min_size = list(KEYPOINT_RCNN_TRAIN_SIZES)
     return config
@@ -147,12 +148,13 @@ def copy_torchvision_settings(model: nn.Module, config: ModelConfig) -> None:
     config.transform.max_size = int(transform.max_size)
     config.transform.image_mean, config.transform.image_std = list(transform.image_mean), list(transform.image_std)
     config.transform.size_divisible = int(transform.size_divisible)
-    anchor_sizes = rpn.anchor_generator.sizes
-    if any(len(sizes) != 1 for sizes in anchor_sizes) or len(set(map(tuple, rpn.anchor_generator.aspect_ratios))) != 1:
-        raise ValueError(f"anchors {anchor_sizes}: one size per level and the same aspect ratios on every level expected")
+    anchor_sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
+    if any(len(sizes) != 1 for sizes in anchor_sizes) or len(set(map(tuple, ratios))) != 1:
+        raise ValueError(f"anchors {anchor_sizes} x {ratios}: one size per level, the same ratios everywhere expected")
     config.rpn.anchor_sizes = [int(sizes[0]) for sizes in anchor_sizes]
     config.rpn.aspect_ratios = [float(r) for r in rpn.anchor_generator.aspect_ratios[0]]
-    config.rpn.pre_nms_top_n_train, config.rpn.pre_nms_top_n_test = rpn._pre_nms_top_n["training"], rpn._pre_nms_top_n["testing"]
+    config.rpn.pre_nms_top_n_train = rpn._pre_nms_top_n["training"]
+    config.rpn.pre_nms_top_n_test = rpn._pre_nms_top_n["testing"]
     config.rpn.post_nms_top_n_train = rpn._post_nms_top_n["training"]
     config.rpn.post_nms_top_n_test = rpn._post_nms_top_n["testing"]
     config.rpn.nms_thresh, config.rpn.score_thresh = rpn.nms_thresh, rpn.score_thresh
@@ -165,7 +167,8 @@ def copy_torchvision_settings(model: nn.Module, config: ModelConfig) -> None:
     box.batch_size_per_image = heads.fg_bg_sampler.batch_size_per_image
     box.positive_fraction = heads.fg_bg_sampler.positive_fraction
     box.bbox_reg_weights = [float(w) for w in heads.box_coder.weights]
-    box.score_thresh, box.nms_thresh, box.detections_per_img = heads.score_thresh, heads.nms_thresh, heads.detections_per_img
+    box.score_thresh, box.nms_thresh = heads.score_thresh, heads.nms_thresh
+    box.detections_per_img = heads.detections_per_img
     box.pooler_resolution, box.sampling_ratio = _pooler_settings(heads.box_roi_pool)
     if config.mask_head.enabled:
         config.mask_head.pooler_resolution, config.mask_head.sampling_ratio = _pooler_settings(heads.mask_roi_pool)
