@@ -206,3 +206,15 @@ def test_trains_on_compact_instance_masks_and_crowd_regions(model):
     torch.testing.assert_close(losses["loss_mask"], dense_losses["loss_mask"], rtol=0.05, atol=0.02)
     with pytest.raises(ValueError, match=r"masks hold 2 instances of size \(50, 50\)"):
         model([image], [dict(target, masks=InstanceMasks(polygons, image_size=(50, 50)))])
+
+
+def test_aligned_mask_head_pastes_in_continuous_coordinates():
+    config = small_config(keypoints=False)
+    config.mask_head.aligned = True
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert model.paste_aligned and model.roi_heads.mask_pooler.aligned
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        (output,) = model([torch.rand(3, 64, 80)])
+    assert len(output["boxes"]) > 0 and output["masks"].shape[1:] == (1, 64, 80)

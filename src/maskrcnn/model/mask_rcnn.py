@@ -24,7 +24,8 @@ from .transform import ImageTransform
 
 
 class MaskRCNN(nn.Module):
-    """The whole detector. Build it with `build_model`; the pieces are plain attributes."""
+    """The whole detector. Build it with `build_model`; the pieces are plain attributes, and
+    `model.config` is the `ModelConfig` that built it."""
 
     def __init__(
         self,
@@ -36,10 +37,12 @@ class MaskRCNN(nn.Module):
         num_classes: int,
         num_keypoints: int | None = None,
         mask_supervision: str | None = "masks",
+        paste_aligned: bool = False,
     ) -> None:
         """`num_classes` excludes background (labels are 1..num_classes); `num_keypoints` is None
         without a keypoint head; `mask_supervision` is "masks", "points" or None (no mask head) and
-        says which target fields training needs."""
+        says which target fields training needs; `paste_aligned` pastes masks in continuous
+        coordinates (use it with an aligned mask pooler; False reproduces torchvision)."""
         super().__init__()
         self.transform = transform
         self.backbone = backbone
@@ -48,6 +51,7 @@ class MaskRCNN(nn.Module):
         self.num_classes = num_classes
         self.num_keypoints = num_keypoints
         self.mask_supervision = mask_supervision
+        self.paste_aligned = paste_aligned
 
     def forward(
         self, images: list[Tensor], targets: list[dict] | None = None
@@ -69,14 +73,12 @@ class MaskRCNN(nn.Module):
             return {**rpn_losses, **head_losses}
 
         detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
-        return [paste_detection_masks(d, size) for d, size in zip(detections, original_sizes)]
-
-
-def paste_detection_masks(detection: dict[str, Tensor], image_size: tuple[int, int]) -> dict[str, Tensor]:
-    """Replace the `[N, 1, M, M]` mask probabilities (in box coordinates) by `[N, 1, H, W]` images."""
-    if "masks" in detection:
-        detection["masks"] = paste_masks(detection["masks"], detection["boxes"], image_size, padding=1)
-    return detection
+        for detection, size in zip(detections, original_sizes):
+            if "masks" in detection:  # [N, 1, M, M] probabilities over each box -> [N, 1, H, W] images
+                detection["masks"] = paste_masks(
+                    detection["masks"], detection["boxes"], size, padding=1, aligned=self.paste_aligned
+                )
+        return detections
 
 
 # --------------------------------------------------------------------------- target checks
@@ -217,6 +219,7 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         mask_supervision = "points" if config.mask_head.point_supervision else "masks"
     num_keypoints = config.keypoint_head.num_keypoints if config.keypoint_head.enabled else None
     model = MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, roi_heads=roi_heads,
-                     num_classes=config.num_classes, num_keypoints=num_keypoints, mask_supervision=mask_supervision)
+                     num_classes=config.num_classes, num_keypoints=num_keypoints, mask_supervision=mask_supervision,
+                     paste_aligned=config.mask_head.enabled and config.mask_head.aligned)
     model.config = copy.deepcopy(config)  # what built it: save_checkpoint stores it beside the weights
     return model
