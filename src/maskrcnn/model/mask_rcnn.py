@@ -95,8 +95,7 @@ def check_targets(
     if len(targets) != len(images):
         raise ValueError(f"got {len(images)} images but {len(targets)} targets")
     for index, (image, target) in enumerate(zip(images, targets)):
-        where = f"image {index}" + (f" (image_id {_as_int(target['image_id'])})" if isinstance(target, dict)
-                                    and "image_id" in target else "")
+        where = _describe_image(index, target)
         if not isinstance(target, dict):
             raise ValueError(f"{where}: target must be a dict, got {type(target).__name__}")
         for key in ("boxes", "labels"):
@@ -173,8 +172,14 @@ def _tensor(
     return value
 
 
-def _as_int(value) -> int | str:
-    return int(value) if isinstance(value, (int, Tensor)) else value
+def _describe_image(index: int, target: object) -> str:
+    """"image 3 (image_id 42)": the position in the batch, and the data set's id when the target has one."""
+    if not isinstance(target, dict) or "image_id" not in target:
+        return f"image {index}"
+    image_id = target["image_id"]
+    if isinstance(image_id, Tensor) and image_id.numel() == 1:
+        image_id = image_id.item()
+    return f"image {index} (image_id {image_id})"
 
 
 # --------------------------------------------------------------------------- building
