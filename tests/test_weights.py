@@ -84,6 +84,10 @@ def test_wrong_or_partial_weights_give_clear_errors(tmp_path):
         from_torchvision(no_fc7)
     with pytest.raises(ValueError, match="not the state dict of a torchvision"):
         from_torchvision({"conv.weight": torch.zeros(1)})
+    pickled_model = tmp_path / "whole_model.pth"
+    torch.save(torch.nn.Linear(2, 2), pickled_model)
+    with pytest.raises(ValueError, match="more than weights"):
+        from_torchvision(str(pickled_model))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         from_torchvision(str(tmp_path / "nowhere.pth"))
     with pytest.raises(TypeError, match="expected a torchvision model"):

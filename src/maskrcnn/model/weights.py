@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Callable
@@ -81,7 +82,13 @@ def torchvision_state_dict(source: nn.Module | dict | str | Path) -> dict[str, T
     if isinstance(source, (str, Path)):
         if not Path(source).is_file():
             raise FileNotFoundError(f"torchvision weights {source} do not exist")
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{source}: holds more than weights (a whole pickled model?); load it yourself with "
+                "torch.load(..., weights_only=False) if you trust the file, and pass the model"
+            ) from error
     if not isinstance(source, dict):
         raise TypeError(f"expected a torchvision model, a state dict or a .pth path, got {type(source).__name__}")
     if "model" in source and isinstance(source["model"], dict):
