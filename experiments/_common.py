@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from maskrcnn.config import Config, load_config
 from maskrcnn.data.shapes import SHAPE_NAMES
@@ -45,6 +46,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for runs and the results JSON")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as in the table)")
+    parser.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again from their last.pth")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides for every run")
 
 
@@ -69,7 +71,6 @@ def shapes_paths(config: Config) -> dict[str, Path]:
 def train_and_evaluate(config: Config, class_groups: dict[str, list[int]] | None) -> dict:
     """Train one run, evaluate it on the shapes validation set; returns flat metrics + timing."""
     from maskrcnn.engine.distributed import DistributedContext
-    from maskrcnn.engine.evaluation import evaluate, flatten_metrics
     from maskrcnn.engine.trainer import build_datasets, train
 
     train_set, val_set = build_datasets(config, DistributedContext())
@@ -77,13 +78,79 @@ def train_and_evaluate(config: Config, class_groups: dict[str, list[int]] | None
     # No validation set inside `train`: it is evaluated once below, with the class groups.
     summary = train(config, train_dataset=train_set, val_dataset=None)
     train_seconds = time.perf_counter() - started
-    model = summary["model"]
-    device = next(model.parameters()).device
-    metrics = evaluate(model, val_set, device=device, batch_size=4, iou_types=["bbox", "segm"], class_groups=class_groups)
-    flat = flatten_metrics(metrics)
+    flat = evaluate_model(summary["model"], val_set, class_groups)
     flat["train_seconds"] = train_seconds
     flat["iterations"] = summary["iteration"]
     return flat
+
+
+def evaluate_model(model: torch.nn.Module, val_set, class_groups: dict[str, list[int]] | None) -> dict:
+    """COCO box / mask AP of the whole model, plus the mask head alone on ground-truth boxes."""
+    from maskrcnn.engine.evaluation import evaluate, flatten_metrics
+
+    device = next(model.parameters()).device
+    metrics = evaluate(model, val_set, device=device, batch_size=4, iou_types=["bbox", "segm"], class_groups=class_groups)
+    flat = flatten_metrics(metrics)
+    flat.update(mask_iou_on_gt_boxes(model, val_set, class_groups))
+    return flat
+
+
+@torch.no_grad()
+def mask_iou_on_gt_boxes(model: torch.nn.Module, dataset, class_groups: dict[str, list[int]] | None) -> dict:
+    """Mean mask IoU of the mask head run on the ground-truth boxes and labels ("no detector at
+    all", as Birodkar et al. also report): what the mask head knows, whatever the detector does.
+    Returns {"gt_boxes/mIoU": .., "gt_boxes/<group>/mIoU": ..}."""
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.model.mask_head import paste_masks
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ious, labels = [], []
+    for start in range(0, len(dataset), 4):
+        items = [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
+        items = [(image, target) for image, target in items if len(target["boxes"])]
+        if not items:
+            continue
+        images = [image.to(device) for image, _ in items]
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        batch, scaled = model.transform(images, targets)
+        features = model.backbone(batch.tensors)
+        detections = [{"boxes": t["boxes"], "labels": t["labels"]} for t in scaled]
+        model.roi_heads._forward_mask(features, batch.image_sizes, detections)  # adds [N, 1, M, M] masks
+        detections = model.transform.postprocess(detections, batch.image_sizes, sizes)
+        for (_, target), detection, size in zip(items, detections, sizes):
+            pasted = paste_masks(detection["masks"], detection["boxes"], size, padding=1, aligned=model.paste_aligned)
+            predicted = (pasted[:, 0] >= 0.5).to(torch.uint8).cpu().numpy()  # [N, H, W]
+            masks = target["masks"]
+            truth = (masks if isinstance(masks, torch.Tensor) else masks.to_tensor()).to(torch.uint8).numpy()
+            encode = lambda m: mask_utils.encode(m.transpose(1, 2, 0).copy(order="F"))  # noqa: E731
+            pairwise = mask_utils.iou(encode(predicted), encode(truth), [0] * len(truth))  # [N, N]
+            ious += list(pairwise.diagonal())
+            labels += target["labels"].tolist()
+    model.train(was_training)
+    ious_t, labels_t = torch.tensor(ious, dtype=torch.float64), torch.tensor(labels)
+    result = {"gt_boxes/mIoU": ious_t.mean().item()}
+    for group, members in (class_groups or {}).items():
+        chosen = torch.isin(labels_t, torch.tensor(members))
+        result[f"gt_boxes/{group}/mIoU"] = ious_t[chosen].mean().item()
+    return result
+
+
+def reevaluate(run_dir: Path, previous: dict, class_groups: dict[str, list[int]] | None) -> dict:
+    """Evaluate a finished run again from its last checkpoint (keeps its timing)."""
+    import maskrcnn
+    from maskrcnn.config import config_from_dict
+    from maskrcnn.engine.distributed import DistributedContext
+    from maskrcnn.engine.trainer import build_datasets
+
+    config = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    _, val_set = build_datasets(config, DistributedContext())
+    model = maskrcnn.load_checkpoint(run_dir / "last.pth")
+    flat = evaluate_model(model, val_set, class_groups)
+    return {**previous, **flat}
 
 
 def class_names(labels: list[int]) -> str:
