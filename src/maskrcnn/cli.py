@@ -196,8 +196,8 @@ def run_demo(config, *, pictures: int = 8) -> int:
     val = CocoDataset(paths["val_annotations"], paths["val_images"])
     # The trainer's final evaluation wrote the COCO results; score them again for the full table.
     results = _read_json(out / "results.json")
-    iou_types = ["bbox"] + [t for t, key in (("segm", "segmentation"), ("keypoints", "keypoints"))
-                            if results and key in results[0]]  # fmt: skip
+    heads = {"segm": config.model.mask_head.enabled, "keypoints": config.model.keypoint_head.enabled}
+    iou_types = ["bbox"] + [iou_type for iou_type, enabled in heads.items() if enabled]
     metrics = coco_evaluate(val.coco, results, iou_types=iou_types)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     files = sorted(Path(paths["val_images"]).glob("*.png"))[:pictures]
