@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -137,6 +138,36 @@ def mask_iou_on_gt_boxes(model: torch.nn.Module, dataset, class_groups: dict[str
         chosen = torch.isin(labels_t, torch.tensor(members))
         result[f"gt_boxes/{group}/mIoU"] = ious_t[chosen].mean().item()
     return result
+
+
+def filled_box_miou(coco, class_groups: dict[str, list[int]] | None, label_to_category: dict[int, int]) -> dict:
+    """The reference a mask head must beat: the mean IoU of each ground-truth box, filled, with
+    its object's mask (pycocotools rasterises both), in the same keys as `mask_iou_on_gt_boxes`."""
+    from pycocotools import mask as mask_utils
+
+    ious, categories = [], []
+    for annotation in coco.dataset["annotations"]:
+        if annotation.get("iscrowd", 0):
+            continue
+        image = coco.imgs[annotation["image_id"]]
+        box = mask_utils.frPyObjects(np.array([annotation["bbox"]], dtype=np.float64), image["height"], image["width"])
+        ious.append(float(mask_utils.iou(box, [coco.annToRLE(annotation)], [0])[0, 0]))
+        categories.append(annotation["category_id"])
+    ious_t, categories_t = torch.tensor(ious, dtype=torch.float64), torch.tensor(categories)
+    result = {"gt_boxes/mIoU": ious_t.mean().item()}
+    for group, members in (class_groups or {}).items():
+        chosen = torch.isin(categories_t, torch.tensor([label_to_category[m] for m in members]))
+        result[f"gt_boxes/{group}/mIoU"] = ious_t[chosen].mean().item()
+    return result
+
+
+def filled_box_reference(args: argparse.Namespace, class_groups: dict[str, list[int]] | None) -> dict:
+    """`filled_box_miou` on the experiments' validation set."""
+    from maskrcnn.data.coco import CocoDataset
+
+    paths = shapes_paths(make_config(args, "unused", []))
+    val = CocoDataset(paths["val_annotations"], paths["val_images"])
+    return filled_box_miou(val.coco, class_groups, dict(val.label_to_category_id))
 
 
 def reevaluate(run_dir: Path, previous: dict, class_groups: dict[str, list[int]] | None) -> dict:

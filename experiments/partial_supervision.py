@@ -23,6 +23,7 @@ import json
 from _common import (
     add_common_arguments,
     class_names,
+    filled_box_reference,
     make_config,
     percent,
     print_table,
@@ -96,6 +97,9 @@ def main() -> None:
         ]
         for name, m in results.items()
     ]
+    box = filled_box_reference(args, groups)
+    rows.append(["filled GT box (reference)", percent(box["gt_boxes/novel/mIoU"]),
+                 percent(box["gt_boxes/with_masks/mIoU"]), "-", "-", "-", "-", "-"])  # fmt: skip
     table = print_table(
         f"Partial supervision on shapes: masks for {class_names(mask_classes)}; novel: {class_names(novel)}",
         ["run", "GT-box mIoU novel", "GT-box mIoU with masks", "mask AP novel", "mask AP with masks", "box AP",

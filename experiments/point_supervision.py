@@ -17,6 +17,7 @@ import json
 
 from _common import (
     add_common_arguments,
+    filled_box_reference,
     make_config,
     percent,
     print_table,
@@ -86,6 +87,8 @@ def main() -> None:
          ratio(m, "segm/AP"), percent(m.get("bbox/AP")), f"{m['iterations']}", f"{m['train_seconds'] / 60:.1f}"]
         for name, m in results.items()
     ]  # fmt: skip
+    box = filled_box_reference(args, None)
+    rows.append(["filled GT box (reference)", percent(box["gt_boxes/mIoU"]), "-", "-", "-", "-", "-", "-"])
     table = print_table(
         f"Point supervision on shapes: {args.num_points} points per object against full masks",
         ["run", "GT-box mIoU", "of full masks", "mask AP", "of full masks", "box AP", "iters", "train min"],
