@@ -120,14 +120,18 @@ class HourglassLevel(nn.Module):
         return self.skip(x) + F.interpolate(low, size=x.shape[-2:], mode="nearest")
 
 
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+
+
 class _MaskHeadBase(nn.Module):
     """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor, initialised like the FCN
     except for the predictor (see `_init_weights`)."""
 
     def __init__(self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+        _check_norm(norm)
         self.stem = nn.Sequential(_conv(in_channels, conv_dim, 3, norm=norm), _norm_layer(norm, conv_dim), nn.ReLU(inplace=True))
         self.body = body
         self.deconv = nn.ConvTranspose2d(conv_dim, conv_dim, kernel_size=2, stride=2)
@@ -188,8 +192,7 @@ class ResidualMaskHead(_MaskHeadBase):
     ) -> None:
         if num_convs < 0:
             raise ValueError(f"resnet mask head: num_convs (residual blocks) must be >= 0, got {num_convs}")
-        if norm not in NORMS:
-            raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+        _check_norm(norm)
         body = nn.Sequential(*(ResidualBlock(channels=conv_dim, block=block, norm=norm) for _ in range(num_convs)))
         super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body)
 
@@ -217,7 +220,6 @@ class HourglassMaskHead(_MaskHeadBase):
     ) -> None:
         if num_convs < 1:
             raise ValueError(f"hourglass mask head: num_convs (levels) must be >= 1, got {num_convs}")
-        if norm not in NORMS:
-            raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
+        _check_norm(norm)
         body = HourglassLevel(channels=conv_dim, levels=num_convs, block=block, norm=norm)
         super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body)
