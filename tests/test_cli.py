@@ -7,10 +7,11 @@ import importlib.util
 import json
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from maskrcnn.cli import build_parser, main
+from maskrcnn.cli import _categories, build_parser, main
 
 SUBCOMMANDS = ["demo", "train", "evaluate", "predict", "convert", "check-data", "points"]
 
@@ -98,7 +99,11 @@ def test_train_saves_the_overridden_config(tmp_path):
     assert saved["train"]["lr"] == 0.011 and saved["model"]["mask_head"]["num_convs"] == 1
     assert saved["model"]["transform"]["min_size"] == [64] and saved["train"]["iterations"] == 2
     assert saved["model"]["backbone"]["depth"] == 18  # from the YAML file, under the overrides
-    assert (out / "last.pth").is_file()
+    checkpoint = torch.load(out / "last.pth", weights_only=True)
+    # The training data's categories travel with the weights, so predict can name the labels.
+    train_json = json.loads((tmp_path / "shapes" / "train.json").read_text())
+    assert checkpoint["categories"] == train_json["categories"]
+    assert _categories(checkpoint, annotations=None) == train_json["categories"]
 
 
 @needs_model

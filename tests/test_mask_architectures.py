@@ -158,3 +158,20 @@ def test_trains_on_toy_target(head_cls, norm):
         losses.append(loss.item())
     assert all(math.isfinite(value) for value in losses)
     assert losses[-1] < 0.4 * losses[0], losses
+
+
+@pytest.mark.parametrize("architecture", ["resnet", "hourglass"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_config_block_reaches_the_model(architecture, block):
+    from maskrcnn.config import ModelConfig, from_dict
+    from maskrcnn.model.mask_rcnn import build_model
+
+    config = from_dict(ModelConfig, {
+        "num_classes": 2, "backbone": {"depth": 18, "norm": "gn", "fpn_channels": 16},
+        "mask_head": {"architecture": architecture, "block": block, "num_convs": 1, "conv_dim": 16},
+    })  # fmt: skip
+    blocks = [m for m in build_model(config).modules() if isinstance(m, ResidualBlock)]
+    assert blocks
+    # A basic block's branch has two 3x3 convs; a bottleneck's has 1x1, 3x3, 1x1.
+    kernels = {tuple(c.kernel_size for c in b.branch if isinstance(c, nn.Conv2d)) for b in blocks}
+    assert kernels == ({((3, 3), (3, 3))} if block == "basic" else {((1, 1), (3, 3), (1, 1))})

@@ -81,6 +81,7 @@ class MaskHeadConfig:
     num_convs: int = 4  # conv layers (fcn/deep_fcn), residual blocks (resnet), levels (hourglass)
     conv_dim: int = 256
     norm: str = "none"  # "none" | "gn" | "bn" after each conv layer of the head
+    block: str = "bottleneck"  # residual block of the resnet / hourglass heads: "bottleneck" | "basic"
     pooler_resolution: int = 14  # RoI crop; the mask is 2x this (28 x 28)
     sampling_ratio: int = 2
     # RoIAlign's half-pixel shift for the mask pooler, the mask targets and pasting: True is exact in
@@ -105,6 +106,7 @@ class KeypointHeadConfig:
     pooler_resolution: int = 14  # heatmaps are 4x this (56 x 56)
     sampling_ratio: int = 2
     aligned: bool = False
+    loss_weight: float = 1.0  # multiplies loss_keypoint (detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT)
 
 
 @dataclass

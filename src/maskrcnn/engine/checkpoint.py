@@ -6,7 +6,7 @@ exactly where it stopped:
     {"format": "maskrcnn/1", "model_config": {...}, "model": state_dict,
      "config": {...}, "iteration": int (completed iterations), "optimizer": ..., "scheduler": ...,
      "scaler": ..., "rng": [state of rank 0, state of rank 1, ...], "data_position": {...},
-     "best_metric": float | None}
+     "best_metric": float | None, "categories": [COCO category dicts of the training data]}
 
 Everything in it is a tensor or a plain Python container, so it loads with
 `torch.load(..., weights_only=True)`.
@@ -143,8 +143,12 @@ def training_state(
     rng: list[dict],
     data_position: dict,
     best_metric: float | None,
+    categories: list[dict] | None = None,
 ) -> dict:
-    """The checkpoint dict of a run after `iteration` completed iterations (module docstring)."""
+    """The checkpoint dict of a run after `iteration` completed iterations (module docstring).
+
+    `categories` are the training data's COCO categories (names, ids, keypoint names and
+    skeleton), so that `predict` and `evaluate` can name the labels without the data."""
     config_dict = dataclasses.asdict(config)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -158,6 +162,7 @@ def training_state(
         "rng": rng,
         "data_position": data_position,
         "best_metric": best_metric,
+        "categories": [dict(category) for category in categories or []],
     }
 
 

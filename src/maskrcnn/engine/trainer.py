@@ -292,6 +292,8 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     with rng_preserved(), children_ignore_sigint():
         batches = build_train_batches(train_dataset, config, context, start_iteration)
 
+    categories = getattr(train_dataset, "categories", None)  # stored so that predict can name labels
+
     def save(path: Path, iteration: int) -> None:
         rng = distributed.all_gather_object(capture_rng_state())  # every rank's state, for exact resume
         if context.is_main:
@@ -299,7 +301,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
                         "world_size": context.world_size, "seed": settings.seed}  # fmt: skip
             atomic_save(training_state(model=model, config=config, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, iteration=iteration, rng=rng, data_position=position,
-                                       best_metric=best_metric), path)  # fmt: skip
+                                       best_metric=best_metric, categories=categories), path)  # fmt: skip
 
     def run_evaluation(iteration: int) -> dict[str, float]:
         nonlocal best_metric, evaluation_seconds

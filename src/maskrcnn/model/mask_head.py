@@ -61,13 +61,15 @@ def build_mask_head(
     num_convs: int = 4,
     norm: str = "none",
     class_agnostic: bool = False,
+    block: str = "bottleneck",
 ) -> nn.Module:
     """The mask head named by `architecture`; `num_classes` is K (foreground classes).
 
     "fcn" is Mask R-CNN's head (num_convs = 4); "deep_fcn" is the same FCN meant to be used with
     more convs (Birodkar et al. compare heads by depth); "resnet" and "hourglass" are the deeper
     heads of Birodkar et al. in `mask_architectures.py`. All map `[R, C, S, S]` to
-    `[R, K + 1 or 1, 2S, 2S]`.
+    `[R, K + 1 or 1, 2S, 2S]`. `block` ("bottleneck" | "basic") is the residual block of the
+    resnet and hourglass heads; the FCN heads have none.
     """
     out_channels = 1 if class_agnostic else num_classes + 1
     match architecture:
@@ -79,13 +81,15 @@ def build_mask_head(
             from maskrcnn.model.mask_architectures import ResidualMaskHead
 
             return ResidualMaskHead(
-                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
+                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm,
+                block=block,
             )
         case "hourglass":
             from maskrcnn.model.mask_architectures import HourglassMaskHead
 
             return HourglassMaskHead(
-                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
+                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm,
+                block=block,
             )
         case _:
             raise ValueError(f"mask_head.architecture must be one of {MASK_ARCHITECTURES}, got {architecture!r}")

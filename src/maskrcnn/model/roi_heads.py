@@ -124,6 +124,7 @@ class RoIHeads(nn.Module):
         points_per_instance: int | None = None,
         keypoint_pooler: MultiLevelRoIAlign | None = None,
         keypoint_head: KeypointHead | None = None,
+        keypoint_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if mask_train_on not in ("proposals", "gt_boxes"):
@@ -140,6 +141,7 @@ class RoIHeads(nn.Module):
         self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask_train_on, gt_box_jitter, mask_classes
         self.point_supervision, self.points_per_instance = point_supervision, points_per_instance
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
+        self.keypoint_loss_weight = keypoint_loss_weight
 
     def forward(
         self,
@@ -163,7 +165,8 @@ class RoIHeads(nn.Module):
         if self.mask_head is not None:
             losses["loss_mask"] = self._forward_mask(features, image_sizes, samples=samples, targets=targets)
         if self.keypoint_head is not None:
-            losses["loss_keypoint"] = self._forward_keypoint(features, image_sizes, samples=samples, targets=targets)
+            loss_keypoint = self._forward_keypoint(features, image_sizes, samples=samples, targets=targets)
+            losses["loss_keypoint"] = loss_keypoint * self.keypoint_loss_weight
         return [], losses
 
     # ------------------------------------------------------------------ training samples
@@ -344,6 +347,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
                 num_convs=mask.num_convs,
                 norm=mask.norm,
                 class_agnostic=mask.class_agnostic,
+                block=mask.block,
             ),
             mask_train_on=mask.train_on,
             gt_box_jitter=mask.gt_box_jitter,
@@ -363,6 +367,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
                 conv_dim=keypoint.conv_dim,
                 num_convs=keypoint.num_convs,
             ),
+            keypoint_loss_weight=keypoint.loss_weight,
         )
     return RoIHeads(
         box_pooler=MultiLevelRoIAlign(
