@@ -140,6 +140,7 @@ def time_steps(config: Config, steps: int) -> None:
     dataset = CocoDataset(paths["train_annotations"], paths["train_images"])
     images, targets = zip(*[dataset[i] for i in range(config.train.batch_size)])
     print(f"{'model':12s} {'wall s/step':>12s} {'CPU s/step':>11s}")
+    timings = {}
     for name in ("ours", "torchvision"):
         torch.manual_seed(0)
         model = build_model(config.model) if name == "ours" else DenseMasks(torchvision_mask_rcnn(config.model))
@@ -154,6 +155,8 @@ def time_steps(config: Config, steps: int) -> None:
             optimizer.step()
         wall, cpu = (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
         print(f"{name:12s} {wall:12.2f} {cpu:11.2f}")
+        timings[name] = wall
+    print(f"{'ours / tv':12s} {timings['ours'] / timings['torchvision']:12.2f}")
 
 
 def main() -> None:
@@ -167,6 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     overrides = (REFERENCE if args.reference else []) + [f"train.output_dir={args.out}"] + args.overrides
     config = load_config(args.config, overrides)
+    if config.train.cpu_threads is not None:  # as train() does, so that --steps times the same threads
+        torch.set_num_threads(config.train.cpu_threads)
     print(f"{config.train.iterations} iterations of {config.train.batch_size} images, "
           f"{config.model.transform.min_size} px, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
@@ -183,6 +188,12 @@ def main() -> None:
         cells = " ".join(f"{row['metrics'][k]:12.3f}" if k in row["metrics"] else f"{'-':>12s}" for k in keys)
         print(f"{row['name']:12s} {row['iterations']:6d} {row['seconds_per_iteration']:7.2f} {row['minutes']:8.1f} "
               f"{row['parameters'] / 1e6:8.2f}M {cells}")  # fmt: skip
+    if len(rows) == 2:
+        ours, theirs = rows
+        cells = " ".join(f"{ours['metrics'][k] / theirs['metrics'][k]:12.2f}"
+                         if theirs["metrics"].get(k) else f"{'-':>12s}" for k in keys)  # fmt: skip
+        print(f"{'ours / tv':12s} {'':6s} {ours['seconds_per_iteration'] / theirs['seconds_per_iteration']:7.2f} "
+              f"{ours['minutes'] / theirs['minutes']:8.2f} {'':9s} {cells}")  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(rows, indent=1))
 

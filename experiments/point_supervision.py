@@ -52,9 +52,6 @@ def main() -> None:
         f"data.train.images={paths['train_images']}",
         f"data.val.annotations={paths['val_annotations']}",
         f"data.val.images={paths['val_images']}",
-        # Workaround, in both runs alike: an image without objects has point_coords [0, 0, 2] and
-        # RoIHeads concatenates the batch's points without padding them to a common count.
-        "data.keep_empty_images=false",
     ]
     runs = {
         "full masks": files + [f"data.train.annotations={paths['train_annotations']}"],
