@@ -93,8 +93,6 @@ def mask_iou_on_gt_boxes(model: torch.nn.Module, dataset, class_groups: dict[str
     Returns {"gt_boxes/mIoU": .., "gt_boxes/<group>/mIoU": ..}."""
     from pycocotools import mask as mask_utils
 
-    from maskrcnn.model.mask_head import paste_masks
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -105,16 +103,10 @@ def mask_iou_on_gt_boxes(model: torch.nn.Module, dataset, class_groups: dict[str
         if not items:
             continue
         images = [image.to(device) for image, _ in items]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
-        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        batch, scaled = model.transform(images, targets)
-        features = model.backbone(batch.tensors)
-        detections = [{"boxes": t["boxes"], "labels": t["labels"]} for t in scaled]
-        model.roi_heads._forward_mask(features, batch.image_sizes, detections)  # adds [N, 1, M, M] masks
-        detections = model.transform.postprocess(detections, batch.image_sizes, sizes)
-        for (_, target), detection, size in zip(items, detections, sizes):
-            pasted = paste_masks(detection["masks"], detection["boxes"], size, padding=1, aligned=model.paste_aligned)
-            predicted = (pasted[:, 0] >= 0.5).to(torch.uint8).cpu().numpy()  # [N, H, W]
+        detections = model.segment_boxes(images, [t["boxes"].to(device) for _, t in items],
+                                         [t["labels"].to(device) for _, t in items])  # fmt: skip
+        for (_, target), detection in zip(items, detections):
+            predicted = (detection["masks"][:, 0] >= 0.5).to(torch.uint8).cpu().numpy()  # [N, H, W]
             masks = target["masks"]
             truth = (masks if isinstance(masks, torch.Tensor) else masks.to_tensor()).to(torch.uint8).numpy()
             encode = lambda m: mask_utils.encode(m.transpose(1, 2, 0).copy(order="F"))  # noqa: E731

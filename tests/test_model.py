@@ -145,6 +145,30 @@ def test_eval_outputs_are_at_the_original_size(model):
     assert output["boxes"][:, [0, 2]].max() <= 200 and output["boxes"][:, [1, 3]].max() <= 150
 
 
+def test_segment_boxes_on_the_detections_equals_the_detector_output(model):
+    model = copy.deepcopy(model).eval()
+    model.roi_heads.score_thresh = 0.0
+    images = [torch.rand(3, 150, 200), torch.rand(3, 90, 120)]
+    with torch.no_grad():
+        detected = model(images)
+    assert all(len(d["boxes"]) > 0 for d in detected)
+    given = model.segment_boxes(images, [d["boxes"] for d in detected], [d["labels"] for d in detected])
+    for ours, reference in zip(given, detected):
+        torch.testing.assert_close(ours["boxes"], reference["boxes"], rtol=0, atol=1e-4)
+        assert torch.equal(ours["labels"], reference["labels"])
+        # the boxes go through the resize and back once more: masks agree to float rounding
+        torch.testing.assert_close(ours["masks"], reference["masks"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(ours["keypoints"], reference["keypoints"], rtol=0, atol=1e-3)
+
+
+def test_segment_boxes_wants_eval_mode_and_matching_lists(model):
+    image = torch.rand(3, 96, 112)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        copy.deepcopy(model).train().segment_boxes([image], [torch.zeros(0, 4)], [torch.zeros(0)])
+    with pytest.raises(ValueError, match="1 images, 2 box sets"):
+        copy.deepcopy(model).eval().segment_boxes([image], [torch.zeros(0, 4)] * 2, [torch.zeros(0)])
+
+
 def bad(target, **changes):
     target = dict(target)
     target.update(changes)

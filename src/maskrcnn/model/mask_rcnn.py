@@ -72,7 +72,35 @@ class MaskRCNN(nn.Module):
         if self.training:
             return {**rpn_losses, **head_losses}
 
-        detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        return self._to_original_size(detections, batch.image_sizes, original_sizes)
+
+    @torch.no_grad()
+    def segment_boxes(self, images: list[Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Run the mask (and keypoint) heads on given boxes instead of the detector's: the
+        "ground-truth boxes" evaluation of Birodkar et al. 2021, or masks for boxes from elsewhere.
+
+        boxes `[N, 4]` (x1, y1, x2, y2 in the image's pixels) and labels `[N]` (1..num_classes) per
+        image; returns one dict per image like `forward` in eval mode (`boxes`, `labels`, `masks
+        [N, 1, H, W]` probabilities at the image's size, keypoints when the model has them), in the
+        order given. The model must be in eval mode.
+        """
+        if self.training:
+            raise RuntimeError("segment_boxes runs in eval mode: call model.eval() first")
+        if self.roi_heads.mask_head is None and self.roi_heads.keypoint_head is None:
+            raise RuntimeError("segment_boxes: this model has neither a mask head nor a keypoint head")
+        if not (len(images) == len(boxes) == len(labels)):
+            raise ValueError(f"segment_boxes: {len(images)} images, {len(boxes)} box sets, {len(labels)} label sets")
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        given = [{"boxes": b.float(), "labels": l.long()} for b, l in zip(boxes, labels)]
+        batch, scaled = self.transform(images, given)
+        features = self.backbone(batch.tensors)
+        detections = [{"boxes": t["boxes"], "labels": t["labels"]} for t in scaled]
+        self.roi_heads.run_on_boxes(features, batch.image_sizes, detections)
+        return self._to_original_size(detections, batch.image_sizes, original_sizes)
+
+    def _to_original_size(self, detections, image_sizes, original_sizes) -> list[dict[str, Tensor]]:
+        """Boxes and keypoints back to each image's own size; masks pasted into it."""
+        detections = self.transform.postprocess(detections, image_sizes, original_sizes)
         for detection, size in zip(detections, original_sizes):
             if "masks" in detection:  # [N, 1, M, M] probabilities over each box -> [N, 1, H, W] images
                 detection["masks"] = paste_masks(

@@ -152,10 +152,7 @@ class RoIHeads(nn.Module):
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if not self.training:
             detections = self._forward_box(features, proposals, image_sizes)
-            if self.mask_head is not None:
-                self._forward_mask(features, image_sizes, detections)
-            if self.keypoint_head is not None:
-                self._forward_keypoint(features, image_sizes, detections)
+            self.run_on_boxes(features, image_sizes, detections)
             return detections, {}
 
         if targets is None:
@@ -298,6 +295,16 @@ class RoIHeads(nn.Module):
         x2 = torch.maximum(jittered[:, 2].clamp(max=width), x1 + 1)
         y2 = torch.maximum(jittered[:, 3].clamp(max=height), y1 + 1)
         return torch.stack([x1, y1, x2, y2], dim=1)
+
+    def run_on_boxes(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                     detections: list[dict[str, Tensor]]) -> None:
+        """Inference of the mask and keypoint heads on the `boxes` / `labels` of `detections`
+        (in the transformed images' coordinates), whatever produced them; adds `masks` and
+        keypoints to each dict in place."""
+        if self.mask_head is not None:
+            self._forward_mask(features, image_sizes, detections)
+        if self.keypoint_head is not None:
+            self._forward_keypoint(features, image_sizes, detections)
 
     def _forward_keypoint(self, features, image_sizes, detections=None, *, samples=None, targets=None):
         """Inference: adds `keypoints [N, K, 3]` and `keypoints_scores [N, K]`. Training: `loss_keypoint`."""
