@@ -88,6 +88,18 @@ def test_multilevel_roi_align_equals_torchvision():
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("canonical,level,scale", [(224.0, "0", 1 / 4), (56.0, "2", 1 / 16), (14.0, "3", 1 / 32)])
+def test_canonical_box_size_picks_the_fpn_level(canonical, level, scale):
+    from torchvision.ops import roi_align
+
+    features, _, _ = _inputs()
+    box = torch.tensor([[20.0, 30.0, 76.0, 86.0]])  # 56 x 56: P2 at 224, P4 at 56, P5 (clamped) at 14
+    pooler = MultiLevelRoIAlign(output_size=7, sampling_ratio=2, aligned=True, canonical_box_size=canonical)
+    pooled = pooler(features, [box, torch.zeros(0, 4)], IMAGE_SIZES)
+    expected = roi_align(features[level], [box], 7, spatial_scale=scale, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(pooled, expected)
+
+
 def test_training_losses_equal_torchvision():
     torch.manual_seed(0)
     ours = build_roi_heads(_config(), in_channels=CHANNELS).train()

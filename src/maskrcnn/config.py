@@ -112,6 +112,9 @@ class KeypointHeadConfig:
 @dataclass
 class ModelConfig:
     num_classes: int = 90  # foreground classes; label 0 is background
+    # Box side (input pixels) that the RoI poolers take from P4; smaller boxes go to finer levels
+    # (FPN paper, eq. 1). 224 is the paper's and torchvision's; scale it with the input size.
+    roi_canonical_box_size: float = 224.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)

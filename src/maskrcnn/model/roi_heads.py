@@ -36,17 +36,29 @@ FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5 (P6 only feeds the RPN)
 
 class MultiLevelRoIAlign(nn.Module):
     """RoIAlign of each box on the FPN level that suits its size (FPN paper, eq. 1):
-    level = floor(4 + log2(sqrt(area) / 224)), clamped to the levels given. The same numbers as
-    torchvision's `MultiScaleRoIAlign`, which has no `aligned` switch.
+    level = floor(4 + log2(sqrt(area) / canonical_box_size)), clamped to the levels given. With
+    the paper's canonical size 224 (ImageNet's image size) these are the same numbers as
+    torchvision's `MultiScaleRoIAlign`, which has no `aligned` switch. On images much smaller
+    than COCO's ~800 px every object falls to P2 with 224; a smaller canonical size spreads them
+    over the levels again.
 
     features: name -> `[B, C, Hl, Wl]`; boxes: per image `[Ri, 4]` in input-image pixels;
     returns `[sum Ri, C, S, S]` in the order of the boxes.
     """
 
     def __init__(
-        self, *, featmap_names: tuple[str, ...] = FPN_LEVEL_NAMES, output_size: int, sampling_ratio: int, aligned: bool
+        self,
+        *,
+        featmap_names: tuple[str, ...] = FPN_LEVEL_NAMES,
+        output_size: int,
+        sampling_ratio: int,
+        aligned: bool,
+        canonical_box_size: float = 224.0,
     ) -> None:
         super().__init__()
+        if canonical_box_size <= 0:
+            raise ValueError(f"canonical_box_size must be > 0, got {canonical_box_size}")
+        self.canonical_box_size = float(canonical_box_size)
         self.featmap_names = tuple(featmap_names)
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
@@ -63,7 +75,7 @@ class MultiLevelRoIAlign(nn.Module):
         image_index = torch.cat([torch.full((len(b),), i, device=b.device) for i, b in enumerate(boxes)])
         rois = torch.cat([image_index[:, None].to(boxes[0].dtype), torch.cat(boxes)], dim=1)  # [R, 5]
         size = torch.sqrt(box_area(rois[:, 1:]))
-        level = torch.floor(4 + torch.log2(size / 224) + torch.tensor(1e-6, dtype=size.dtype))
+        level = torch.floor(4 + torch.log2(size / self.canonical_box_size) + torch.tensor(1e-6, dtype=size.dtype))
         level = level.clamp(min=first_level, max=last_level).to(torch.int64) - first_level
 
         pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))
@@ -344,7 +356,8 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
         mask = config.mask_head
         heads.update(
             mask_pooler=MultiLevelRoIAlign(
-                output_size=mask.pooler_resolution, sampling_ratio=mask.sampling_ratio, aligned=mask.aligned
+                output_size=mask.pooler_resolution, sampling_ratio=mask.sampling_ratio, aligned=mask.aligned,
+                canonical_box_size=config.roi_canonical_box_size,
             ),
             mask_head=build_mask_head(
                 architecture=mask.architecture,
@@ -366,7 +379,8 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
         keypoint = config.keypoint_head
         heads.update(
             keypoint_pooler=MultiLevelRoIAlign(
-                output_size=keypoint.pooler_resolution, sampling_ratio=keypoint.sampling_ratio, aligned=keypoint.aligned
+                output_size=keypoint.pooler_resolution, sampling_ratio=keypoint.sampling_ratio, aligned=keypoint.aligned,
+                canonical_box_size=config.roi_canonical_box_size,
             ),
             keypoint_head=KeypointHead(
                 in_channels=in_channels,
@@ -378,7 +392,8 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
         )
     return RoIHeads(
         box_pooler=MultiLevelRoIAlign(
-            output_size=box.pooler_resolution, sampling_ratio=box.sampling_ratio, aligned=box.aligned
+            output_size=box.pooler_resolution, sampling_ratio=box.sampling_ratio, aligned=box.aligned,
+            canonical_box_size=config.roi_canonical_box_size,
         ),
         box_head=BoxHead(
             in_channels=in_channels,
