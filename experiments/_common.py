@@ -42,6 +42,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides for every run")
 
 
+def check_only(args: argparse.Namespace, names: list[str]) -> None:
+    """`--only` takes run names; anything else (a `key=value` override typed after it, which
+    argparse hands to `--only`) is an error instead of being silently ignored."""
+    unknown = [name for name in args.only or [] if name not in names]
+    if unknown:
+        hint = " (put key.sub=value overrides before --only)" if any("=" in name for name in unknown) else ""
+        raise SystemExit(f"--only: unknown run name(s) {unknown}{hint}; the runs are {names}")
+
+
 def make_config(args: argparse.Namespace, run_name: str, overrides: list[str]) -> Config:
     base = args.config if args.config and Path(args.config).is_file() else None
     extra = [f"train.output_dir={args.out / run_name}"]

@@ -22,6 +22,7 @@ import json
 
 from _common import (
     add_common_arguments,
+    check_only,
     class_names,
     filled_box_reference,
     make_config,
@@ -70,7 +71,9 @@ def main() -> None:
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
-    for name, overrides in variants(mask_classes, args.resnet_blocks, args.hourglass_levels).items():
+    runs = variants(mask_classes, args.resnet_blocks, args.hourglass_levels)
+    check_only(args, list(runs))
+    for name, overrides in runs.items():
         if args.only and name not in args.only:
             continue
         if name in results:

@@ -17,6 +17,7 @@ import json
 
 from _common import (
     add_common_arguments,
+    check_only,
     filled_box_reference,
     make_config,
     percent,
@@ -59,6 +60,7 @@ def main() -> None:
             f"data.train.annotations={points_file}", "model.mask_head.point_supervision=true",
         ],
     }
+    check_only(args, list(runs))
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name, overrides in runs.items():
