@@ -351,14 +351,16 @@ def _pad_points(values: Tensor, width: int, fill: float) -> Tensor:
 def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
     """The RoI heads a `ModelConfig` describes, on FPN features of `in_channels` channels."""
     box = config.box_head
+
+    def pooler(head) -> MultiLevelRoIAlign:  # every head's pooler: its own crop, one level mapping
+        return MultiLevelRoIAlign(output_size=head.pooler_resolution, sampling_ratio=head.sampling_ratio,
+                                  aligned=head.aligned, canonical_box_size=config.roi_canonical_box_size)  # fmt: skip
+
     heads: dict = {}
     if config.mask_head.enabled:
         mask = config.mask_head
         heads.update(
-            mask_pooler=MultiLevelRoIAlign(
-                output_size=mask.pooler_resolution, sampling_ratio=mask.sampling_ratio, aligned=mask.aligned,
-                canonical_box_size=config.roi_canonical_box_size,
-            ),
+            mask_pooler=pooler(mask),
             mask_head=build_mask_head(
                 architecture=mask.architecture,
                 in_channels=in_channels,
@@ -378,10 +380,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
     if config.keypoint_head.enabled:
         keypoint = config.keypoint_head
         heads.update(
-            keypoint_pooler=MultiLevelRoIAlign(
-                output_size=keypoint.pooler_resolution, sampling_ratio=keypoint.sampling_ratio, aligned=keypoint.aligned,
-                canonical_box_size=config.roi_canonical_box_size,
-            ),
+            keypoint_pooler=pooler(keypoint),
             keypoint_head=KeypointHead(
                 in_channels=in_channels,
                 num_keypoints=keypoint.num_keypoints,
@@ -391,10 +390,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
             keypoint_loss_weight=keypoint.loss_weight,
         )
     return RoIHeads(
-        box_pooler=MultiLevelRoIAlign(
-            output_size=box.pooler_resolution, sampling_ratio=box.sampling_ratio, aligned=box.aligned,
-            canonical_box_size=config.roi_canonical_box_size,
-        ),
+        box_pooler=pooler(box),
         box_head=BoxHead(
             in_channels=in_channels,
             resolution=box.pooler_resolution,
