@@ -36,7 +36,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/shapes_demo.yaml", help="base recipe (YAML); skipped if missing")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations per run (default: the recipe's)")
     parser.add_argument("--out", type=Path, required=True, help="folder for runs and the results JSON")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is the fastest on 2 cores)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 lets two runs share a 2-core machine)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as in the table)")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again from their last.pth")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides for every run")
