@@ -9,8 +9,8 @@ side by side. Run it when the machine is otherwise idle: the times are wall-cloc
 
     .venv/bin/python benchmarks/demo_vs_torchvision.py                      # the demo recipe, both models
     .venv/bin/python benchmarks/demo_vs_torchvision.py --reference --only torchvision
-        # issue 4's torchvision reference recipe (192 px, 128-channel FPN and heads, 64 RoIs,
-        # lr 0.04, 600 iterations of 4 images) on our shapes data: the mask AP the demo must reach
+        # the first torchvision reference recipe (192 px, 128-channel FPN and heads, 64 RoIs,
+        # SGD lr 0.04, 600 iterations of 4 images) on our shapes data
     .venv/bin/python benchmarks/demo_vs_torchvision.py train.iterations=50  # any config override
 """
 
@@ -39,8 +39,8 @@ from maskrcnn.config import Config, ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Issue 4's torchvision recipe (measured there at 1.27 s/iteration on an idle 2-core CPU; box AP
-# 0.68, mask AP 0.72 on a 3-class shapes set), written as overrides of the demo config.
+# The first torchvision reference recipe (a ResNet-18 FPN from scratch at 192 px with SGD), written
+# as overrides of the demo config; its figures are in docs/results.md.
 REFERENCE = [
     "model.backbone.fpn_channels=128", "model.box_head.fc_dim=128", "model.box_head.batch_size_per_image=64",
     "model.mask_head.num_convs=2", "model.mask_head.conv_dim=128", "model.keypoint_head.enabled=false",
@@ -162,7 +162,7 @@ def time_steps(config: Config, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_demo.yaml"))
-    parser.add_argument("--reference", action="store_true", help="use issue 4's torchvision recipe instead")
+    parser.add_argument("--reference", action="store_true", help="use the first torchvision reference recipe instead")
     parser.add_argument("--only", choices=["ours", "torchvision"], help="train one of the two")
     parser.add_argument("--out", default="runs/demo_vs_torchvision")
     parser.add_argument("--steps", type=int, help="only time this many training steps of each model on one batch")
