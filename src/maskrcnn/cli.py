@@ -112,9 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items()) if k.endswith("/AP"))
-    print(f"trained to iteration {summary['iteration']} ({summary['seconds_per_iteration']:.2f} s/iteration); "
-          f"{metrics or 'no evaluation'}; checkpoint {summary['last_checkpoint']}")  # fmt: skip
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items()) if k.endswith("/AP"))
+    print(f"trained to iteration {summary.iteration} ({summary.seconds_per_iteration:.2f} s/iteration); "
+          f"{metrics or 'no evaluation'}; checkpoint {summary.last_checkpoint}")  # fmt: skip
     return 0
 
 
@@ -189,9 +189,9 @@ def run_demo(config, *, pictures: int = 8) -> int:
           f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")  # fmt: skip
     summary = train(config)
     out = Path(config.train.output_dir)
-    if summary["interrupted"]:
-        print(f"demo: stopped by {summary['interrupted']} at iteration {summary['iteration']}; "
-              f"`maskrcnn train {out / 'config.yaml'} --resume` continues from {summary['last_checkpoint']}")  # fmt: skip
+    if summary.interrupted:
+        print(f"demo: stopped by {summary.interrupted} at iteration {summary.iteration}; "
+              f"`maskrcnn train {out / 'config.yaml'} --resume` continues from {summary.last_checkpoint}")  # fmt: skip
         return 130
     val = CocoDataset(paths["val_annotations"], paths["val_images"])
     # The trainer's final evaluation wrote the COCO results; score them again for the full table.
@@ -201,17 +201,17 @@ def run_demo(config, *, pictures: int = 8) -> int:
     metrics = coco_evaluate(val.coco, results, iou_types=iou_types)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     files = sorted(Path(paths["val_images"]).glob("*.png"))[:pictures]
-    report = predict(summary["model"], files, out_dir=out / "predictions", device=next(summary["model"].parameters()).device,
+    report = predict(summary.model, files, out_dir=out / "predictions", device=next(summary.model.parameters()).device,
                      score_threshold=0.5, categories=val.categories)  # fmt: skip
     curves = plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
     minutes = (time.perf_counter() - started) / 60
     print()
     print(format_table(metrics))
     print()
-    print(f"demo: {summary['iteration']} iterations at {summary['seconds_per_iteration']:.2f} s/iteration, "
+    print(f"demo: {summary.iteration} iterations at {summary.seconds_per_iteration:.2f} s/iteration, "
           f"{minutes:.1f} min in all; {len(val)} held-out images")
     print(f"pictures: {out / 'predictions'} ({len(report.pictures)}), curves: {curves}, "
-          f"checkpoint: {summary['last_checkpoint']}, metrics: {out / 'metrics.json'}")  # fmt: skip
+          f"checkpoint: {summary.last_checkpoint}, metrics: {out / 'metrics.json'}")  # fmt: skip
     return 0
 
 

@@ -201,191 +201,302 @@ def _keypoints(values: Any, count: int) -> tuple[np.ndarray, str | None]:
     return np.array(values, dtype=np.float32).reshape(count, 3), None
 
 
+@dataclass
+class _Report:
+    """Records problems for one image entry or one annotation, in the module's message form."""
+
+    problems: list[Problem]
+    image_id: Any
+    annotation_id: Any = None
+
+    def skip(self, field_name: str, message: str) -> None:
+        what = "image" if self.annotation_id is None else "annotation"
+        self.problems.append(Problem("error", self.image_id, self.annotation_id, field_name,
+                                     f"{message}; {what} skipped"))
+
+    def repair(self, field_name: str, message: str) -> None:
+        self.problems.append(Problem("warning", self.image_id, self.annotation_id, field_name, message))
+
+
+@dataclass
+class _Images:
+    """The kept image entries of a file: records by id, the ids skipped, the entries for evaluation."""
+
+    records: dict[int, ImageRecord]
+    skipped: set
+    clean: list[dict]
+
+
+@dataclass
+class _Annotation:
+    """One kept annotation: what its image's arrays need, and its repaired entry for evaluation."""
+
+    image_id: int
+    annotation_id: Any
+    box: tuple[float, float, float, float]  # x1y1x2y2, clipped to the image
+    label: int
+    segmentation: Any  # cleaned polygon parts or RLE; [] when there is no usable mask
+    crowd: bool
+    clean: dict
+    keypoints: np.ndarray | None = None  # [K, 3] COCO pixel indices
+    point_coords: np.ndarray | None = None  # [P, 2]
+    point_labels: np.ndarray | None = None  # [P]
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """What every annotation is read against."""
+
+    category_to_label: dict[int, int]
+    num_keypoints: int
+    has_masks: bool
+    has_points: bool
+
+
 def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
     """Applies the module's rules to a loaded COCO dict (see the module docstring)."""
     problems: list[Problem] = []
     categories = sorted(data["categories"], key=lambda c: c["id"])
-    category_to_label = {c["id"]: i + 1 for i, c in enumerate(categories)}
-    keypoint_category = next((c for c in categories if c.get("keypoints")), None) or {}
-    keypoint_names = [str(n) for n in keypoint_category.get("keypoints", [])]
-    num_keypoints = len(keypoint_names)
-    sigmas, flip_map = keypoint_category.get("keypoint_sigmas"), keypoint_category.get("keypoint_flip_map")
-    if sigmas is not None and len(sigmas) != num_keypoints:
-        problems.append(Problem("warning", None, None, "keypoint_sigmas",
-                                f"{len(sigmas)} values for {num_keypoints} keypoints: ignored"))
-        sigmas = None
-
-    records: dict[int, ImageRecord] = {}
-    skipped_images: set = set()
-    clean_images = []
-    for index, entry in enumerate(data["images"]):
-        image_id = entry.get("id") if isinstance(entry, dict) else None
-        def skip_image(field_name: str, message: str) -> None:
-            where = image_id if image_id is not None else f"images[{index}]"
-            problems.append(Problem("error", where, None, field_name, message + "; image skipped"))
-            skipped_images.add(image_id)
-        if not isinstance(image_id, int):
-            skip_image("id", f"missing or not an integer: {image_id!r}")
-            continue
-        if image_id in records or image_id in skipped_images:
-            problems.append(Problem("error", image_id, None, "id", f"duplicate image id (images[{index}]); second entry skipped"))
-            continue
-        file_name = entry.get("file_name")
-        if not isinstance(file_name, str) or not file_name:
-            skip_image("file_name", f"missing: {file_name!r}")
-            continue
-        height, width = entry.get("height"), entry.get("width")
-        size = (height, width) if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
-        apply_exif = True
-        path = image_dir / file_name
-        if check_images != "none" and not path.is_file():
-            skip_image("file_name", f"file {path} does not exist")
-            continue
-        if check_images == "header":
-            try:
-                raw, orientation = read_image_header(path)
-            except Exception as error:  # PIL raises several types for corrupt files
-                skip_image("file_name", f"file {path} cannot be read: {error}")
-                continue
-            upright = raw[::-1] if orientation in _ROTATING_ORIENTATIONS else raw
-            if size is None:
-                problems.append(Problem("warning", image_id, None, "height/width",
-                                        f"missing or invalid ({height!r}, {width!r}): taken from the file {upright}"))
-                size = upright
-            elif size != upright and size == raw:
-                problems.append(Problem("warning", image_id, None, "height/width",
-                                        f"{size} matches the raw pixels, not the EXIF orientation {orientation} "
-                                        f"({upright}): orientation not applied"))
-                apply_exif = False
-            elif size != upright:
-                skip_image("height/width",
-                           f"{size} differs from the file's size {upright} (EXIF orientation {orientation} applied)")
-                continue
-        if size is None:
-            skip_image("height/width", f"missing or invalid: ({height!r}, {width!r})")
-            continue
-        records[image_id] = ImageRecord(image_id, file_name, int(size[0]), int(size[1]), apply_exif)
-        clean_images.append({**entry, "height": int(size[0]), "width": int(size[1])})
-
+    keypoint_names, sigmas, flip_map = _keypoint_schema(categories, problems)
+    images = _read_images(data["images"], image_dir, check_images=check_images, problems=problems)
     annotations = data.get("annotations", [])
-    def usable(a: Any) -> bool:
-        return isinstance(a, dict) and not a.get("iscrowd")
-    has_masks = any(usable(a) and a.get("segmentation") for a in annotations)
-    has_points = any(usable(a) and "point_coords" in a for a in annotations)
-    instances: dict[int, list] = {image_id: [] for image_id in records}
-    crowds: dict[int, list] = {image_id: [] for image_id in records}
+    usable = [a for a in annotations if isinstance(a, dict) and not a.get("iscrowd")]
+    schema = _Schema({c["id"]: i + 1 for i, c in enumerate(categories)}, len(keypoint_names),
+                     has_masks=any(a.get("segmentation") for a in usable),
+                     has_points=any("point_coords" in a for a in usable))
+    instances: dict[int, list[_Annotation]] = {image_id: [] for image_id in images.records}
+    crowds: dict[int, list] = {image_id: [] for image_id in images.records}
     clean_annotations = []
     for index, ann in enumerate(annotations):
-        ann_id = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
-        image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        def skip(field_name: str, message: str) -> None:
-            problems.append(Problem("error", image_id, ann_id, field_name, message + "; annotation skipped"))
-        def repair(field_name: str, message: str) -> None:
-            problems.append(Problem("warning", image_id, ann_id, field_name, message))
-        if not isinstance(ann, dict):
-            skip("annotation", f"not an object: {ann!r}")
+        read = _read_annotation(ann, index, images=images, schema=schema, problems=problems)
+        if read is None:
             continue
-        if "id" not in ann:
-            skip("id", "missing")
-            continue
-        if image_id in skipped_images:
-            skip("image_id", f"its image {image_id} was skipped")
-            continue
-        if image_id not in records:
-            skip("image_id", f"unknown image id {image_id!r}")
-            continue
-        if ann.get("category_id") not in category_to_label:
-            skip("category_id", f"unknown category id {ann.get('category_id')!r}; known ids: {sorted(category_to_label)}")
-            continue
-        record = records[image_id]
-        height, width = record.height, record.width
-        segmentation, notes = _clean_segmentation(ann.get("segmentation"), height, width)
-        bbox = ann.get("bbox")
-        if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-            x, y, w, h = (float(v) for v in bbox)
-        elif segmentation:
-            x, y, w, h = mask_utils.toBbox(_segmentation_rle(segmentation, height, width)).tolist()
-            repair("bbox", f"missing or invalid {bbox!r}: taken from the segmentation")
+        if read.crowd:
+            crowds[read.image_id].append(read.box)
         else:
-            skip("bbox", f"missing or invalid {bbox!r} and no segmentation to take it from")
-            continue
-        if w <= 0 or h <= 0:
-            skip("bbox", f"zero or negative size {bbox!r}")
-            continue
-        box = (x, y, x + w, y + h)
-        clipped = (min(max(x, 0.0), width), min(max(y, 0.0), height), min(x + w, width), min(y + h, height))
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            skip("bbox", f"{bbox!r} lies outside the {width}x{height} image")
-            continue
-        if clipped != box:
-            repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped")
-        for note in notes:
-            repair("segmentation", note)
-        x1, y1, x2, y2 = clipped
-        clean = {**ann, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                 "iscrowd": int(bool(ann.get("iscrowd", 0)))}
-        # evaluation needs a mask for every ground truth: the box stands in for a missing one
-        clean["segmentation"] = segmentation or [[x1, y1, x2, y1, x2, y2, x1, y2]]
-        if "area" not in ann:  # COCOeval's small / medium / large ranges read it: the mask's area, as COCO's
-            rle = _segmentation_rle(segmentation, height, width) if segmentation else None
-            clean["area"] = float(mask_utils.area(rle)) if rle else float((x2 - x1) * (y2 - y1))
-        if ann.get("iscrowd"):
-            crowds[image_id].append(clipped)
-            clean_annotations.append(clean)
-            continue
-        if has_masks and not segmentation:
-            repair("segmentation", "no usable mask: kept as a box with has_mask False")
-        keypoints, note = _keypoints(ann.get("keypoints"), num_keypoints)
-        if note:
-            repair("keypoints", note)
-            clean["keypoints"], clean["num_keypoints"] = [0] * (3 * num_keypoints), 0
-        coords = np.zeros((0, 2), np.float32)
-        point_labels = np.zeros(0, np.float32)
-        if "point_coords" in ann:
-            try:
-                coords = np.asarray(ann["point_coords"], dtype=np.float32).reshape(-1, 2)
-                point_labels = np.asarray(ann.get("point_labels"), dtype=np.float32).reshape(-1)
-                if len(coords) != len(point_labels) or not np.isfinite(coords).all():
-                    raise ValueError(f"{len(coords)} coordinates, {len(point_labels)} labels")
-            except (ValueError, TypeError) as error:
-                repair("point_coords", f"unusable points ({error}): dropped")
-                coords, point_labels = np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
-        label = category_to_label[ann["category_id"]]
-        instances[image_id].append((ann["id"], clipped, label, segmentation, bool(segmentation), keypoints, coords, point_labels))
-        clean_annotations.append(clean)
-
-    for image_id, record in records.items():
-        found = instances[image_id]
-        if crowds[image_id]:
-            record.crowd_boxes = np.array(crowds[image_id], np.float32).reshape(-1, 4)
-        if num_keypoints:
-            record.keypoints = np.zeros((0, num_keypoints, 3), np.float32)
-        if has_points:
-            record.point_coords, record.point_labels = np.zeros((0, 0, 2), np.float32), np.zeros((0, 0), np.float32)
-        if not found:
-            continue
-        ids, boxes, labels, segmentations, has_mask, keypoints, coords, point_labels = zip(*found)
-        record.annotation_ids = list(ids)
-        record.boxes = np.array(boxes, np.float32).reshape(-1, 4)
-        record.labels = np.array(labels, np.int64)
-        if has_masks:
-            record.masks = InstanceMasks(list(segmentations), image_size=(record.height, record.width))
-        record.has_mask = np.array(has_mask, bool)
-        if num_keypoints:
-            record.keypoints = np.stack(keypoints)  # [N, K, 3]
-            # COCO pixel index -> continuous pixel centre; unlabelled keypoints (v = 0) sit at 0
-            labelled = record.keypoints[..., 2:] > 0
-            record.keypoints[..., :2] = np.where(labelled, record.keypoints[..., :2] + 0.5, 0.0)
-        if has_points:  # pad to the image's largest count; label -1 marks padding
-            most = max(len(c) for c in coords)
-            record.point_coords = np.zeros((len(found), most, 2), np.float32)
-            record.point_labels = np.full((len(found), most), -1.0, np.float32)
-            for row, (c, l) in enumerate(zip(coords, point_labels)):
-                record.point_coords[row, :len(c)], record.point_labels[row, :len(l)] = c, l
-
+            instances[read.image_id].append(read)
+        clean_annotations.append(read.clean)
+    for image_id, record in images.records.items():
+        _fill_record(record, instances[image_id], crowds[image_id], schema=schema)
     clean_dataset = {key: value for key, value in data.items() if key not in ("images", "annotations")}
-    clean_dataset.update(images=clean_images, annotations=clean_annotations)
-    return ParsedCoco(list(records.values()), problems, categories, keypoint_names,
-                      [float(s) for s in sigmas] if sigmas is not None else None,
-                      [list(p) for p in flip_map] if flip_map is not None else None,
-                      has_masks, has_points, clean_dataset)
+    clean_dataset.update(images=images.clean, annotations=clean_annotations)
+    return ParsedCoco(list(images.records.values()), problems, categories, keypoint_names, sigmas, flip_map,
+                      schema.has_masks, schema.has_points, clean_dataset)
+
+
+def _keypoint_schema(categories: list[dict], problems: list[Problem]
+                     ) -> tuple[list[str], list[float] | None, list[list[int]] | None]:
+    """(keypoint names, sigmas, flip map) of the first category that has keypoints."""
+    keypoint_category = next((c for c in categories if c.get("keypoints")), None) or {}
+    names = [str(n) for n in keypoint_category.get("keypoints", [])]
+    sigmas, flip_map = keypoint_category.get("keypoint_sigmas"), keypoint_category.get("keypoint_flip_map")
+    if sigmas is not None and len(sigmas) != len(names):
+        problems.append(Problem("warning", None, None, "keypoint_sigmas",
+                                f"{len(sigmas)} values for {len(names)} keypoints: ignored"))
+        sigmas = None
+    return (names, [float(s) for s in sigmas] if sigmas is not None else None,
+            [list(p) for p in flip_map] if flip_map is not None else None)
+
+
+def _read_images(entries: list, image_dir: Path, *, check_images: str, problems: list[Problem]) -> _Images:
+    """The image entries that can be used; duplicates and unreadable ones are reported and skipped."""
+    images = _Images({}, set(), [])
+    for index, entry in enumerate(entries):
+        image_id = entry.get("id") if isinstance(entry, dict) else None
+        report = _Report(problems, image_id if image_id is not None else f"images[{index}]")
+        if not isinstance(image_id, int):
+            report.skip("id", f"missing or not an integer: {image_id!r}")
+            images.skipped.add(image_id)
+            continue
+        if image_id in images.records or image_id in images.skipped:
+            problems.append(Problem("error", image_id, None, "id",
+                                    f"duplicate image id (images[{index}]); second entry skipped"))
+            continue
+        record = _read_image(entry, image_dir, check_images=check_images, report=report)
+        if record is None:
+            images.skipped.add(image_id)
+            continue
+        images.records[image_id] = record
+        images.clean.append({**entry, "height": record.height, "width": record.width})
+    return images
+
+
+def _read_image(entry: dict, image_dir: Path, *, check_images: str, report: _Report) -> ImageRecord | None:
+    """The record of one image entry with a valid id, or None (reported) when it must be skipped."""
+    file_name = entry.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        report.skip("file_name", f"missing: {file_name!r}")
+        return None
+    height, width = entry.get("height"), entry.get("width")
+    size = (height, width) if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
+    apply_exif = True
+    path = image_dir / file_name
+    if check_images != "none" and not path.is_file():
+        report.skip("file_name", f"file {path} does not exist")
+        return None
+    if check_images == "header":
+        checked = _check_header(path, size, (height, width), report)
+        if checked is None:
+            return None
+        size, apply_exif = checked
+    if size is None:
+        report.skip("height/width", f"missing or invalid: ({height!r}, {width!r})")
+        return None
+    return ImageRecord(entry["id"], file_name, int(size[0]), int(size[1]), apply_exif)
+
+
+def _check_header(path: Path, size: tuple[int, int] | None, given: tuple, report: _Report
+                  ) -> tuple[tuple[int, int], bool] | None:
+    """((height, width), apply_exif) agreed between the JSON and the file's header, or None (reported)."""
+    try:
+        raw, orientation = read_image_header(path)
+    except Exception as error:  # PIL raises several types for corrupt files
+        report.skip("file_name", f"file {path} cannot be read: {error}")
+        return None
+    upright = raw[::-1] if orientation in _ROTATING_ORIENTATIONS else raw
+    if size is None:
+        report.repair("height/width", f"missing or invalid ({given[0]!r}, {given[1]!r}): taken from the file {upright}")
+        return upright, True
+    if size != upright and size == raw:
+        report.repair("height/width", f"{size} matches the raw pixels, not the EXIF orientation {orientation} "
+                                      f"({upright}): orientation not applied")
+        return size, False
+    if size != upright:
+        report.skip("height/width", f"{size} differs from the file's size {upright} (EXIF orientation {orientation} applied)")
+        return None
+    return size, True
+
+
+def _read_annotation(ann: Any, index: int, *, images: _Images, schema: _Schema,
+                     problems: list[Problem]) -> _Annotation | None:
+    """One annotation read by the module's rules, or None when it is skipped (reported)."""
+    ann_id = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
+    image_id = ann.get("image_id") if isinstance(ann, dict) else None
+    report = _Report(problems, image_id, ann_id)
+    if not _annotation_refers(ann, images=images, schema=schema, report=report):
+        return None
+    record = images.records[image_id]
+    segmentation, notes = _clean_segmentation(ann.get("segmentation"), record.height, record.width)
+    box = _annotation_box(ann.get("bbox"), segmentation, record, report)
+    if box is None:
+        return None
+    for note in notes:
+        report.repair("segmentation", note)
+    read = _Annotation(image_id, ann["id"], box, schema.category_to_label[ann["category_id"]], segmentation,
+                       crowd=bool(ann.get("iscrowd")), clean=_clean_entry(ann, box, segmentation, record))
+    if read.crowd:
+        return read
+    if schema.has_masks and not segmentation:
+        report.repair("segmentation", "no usable mask: kept as a box with has_mask False")
+    read.keypoints, note = _keypoints(ann.get("keypoints"), schema.num_keypoints)
+    if note:
+        report.repair("keypoints", note)
+        read.clean["keypoints"], read.clean["num_keypoints"] = [0] * (3 * schema.num_keypoints), 0
+    read.point_coords, read.point_labels = _points(ann, report)
+    return read
+
+
+def _annotation_refers(ann: Any, *, images: _Images, schema: _Schema, report: _Report) -> bool:
+    """Whether the annotation has an id and names a kept image and a known category (else reported)."""
+    if not isinstance(ann, dict):
+        report.skip("annotation", f"not an object: {ann!r}")
+        return False
+    if "id" not in ann:
+        report.skip("id", "missing")
+        return False
+    image_id = ann.get("image_id")
+    if image_id in images.skipped:
+        report.skip("image_id", f"its image {image_id} was skipped")
+        return False
+    if image_id not in images.records:
+        report.skip("image_id", f"unknown image id {image_id!r}")
+        return False
+    if ann.get("category_id") not in schema.category_to_label:
+        report.skip("category_id", f"unknown category id {ann.get('category_id')!r}; "
+                                   f"known ids: {sorted(schema.category_to_label)}")
+        return False
+    return True
+
+
+def _annotation_box(bbox: Any, segmentation: Any, record: ImageRecord, report: _Report
+                    ) -> tuple[float, float, float, float] | None:
+    """The x1y1x2y2 box clipped to the image (from the segmentation when bbox is unusable), or None."""
+    height, width = record.height, record.width
+    if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        x, y, w, h = (float(v) for v in bbox)
+    elif segmentation:
+        x, y, w, h = mask_utils.toBbox(_segmentation_rle(segmentation, height, width)).tolist()
+        report.repair("bbox", f"missing or invalid {bbox!r}: taken from the segmentation")
+    else:
+        report.skip("bbox", f"missing or invalid {bbox!r} and no segmentation to take it from")
+        return None
+    if w <= 0 or h <= 0:
+        report.skip("bbox", f"zero or negative size {bbox!r}")
+        return None
+    box = (x, y, x + w, y + h)
+    clipped = (min(max(x, 0.0), width), min(max(y, 0.0), height), min(x + w, width), min(y + h, height))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        report.skip("bbox", f"{bbox!r} lies outside the {width}x{height} image")
+        return None
+    if clipped != box:
+        report.repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped")
+    return clipped
+
+
+def _clean_entry(ann: dict, box: tuple[float, float, float, float], segmentation: Any, record: ImageRecord) -> dict:
+    """The annotation as evaluation reads it: the repaired box, a mask for every ground truth, an area."""
+    x1, y1, x2, y2 = box
+    clean = {**ann, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+             "iscrowd": int(bool(ann.get("iscrowd", 0)))}
+    # evaluation needs a mask for every ground truth: the box stands in for a missing one
+    clean["segmentation"] = segmentation or [[x1, y1, x2, y1, x2, y2, x1, y2]]
+    if "area" not in ann:  # COCOeval's small / medium / large ranges read it: the mask's area, as COCO's
+        rle = _segmentation_rle(segmentation, record.height, record.width) if segmentation else None
+        clean["area"] = float(mask_utils.area(rle)) if rle else float((x2 - x1) * (y2 - y1))
+    return clean
+
+
+def _points(ann: dict, report: _Report) -> tuple[np.ndarray, np.ndarray]:
+    """(point_coords [P, 2], point_labels [P]) of a point-supervised annotation; empty when unusable."""
+    empty = np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    if "point_coords" not in ann:
+        return empty
+    try:
+        coords = np.asarray(ann["point_coords"], dtype=np.float32).reshape(-1, 2)
+        labels = np.asarray(ann.get("point_labels"), dtype=np.float32).reshape(-1)
+        if len(coords) != len(labels) or not np.isfinite(coords).all():
+            raise ValueError(f"{len(coords)} coordinates, {len(labels)} labels")
+    except (ValueError, TypeError) as error:
+        report.repair("point_coords", f"unusable points ({error}): dropped")
+        return empty
+    return coords, labels
+
+
+def _fill_record(record: ImageRecord, found: list[_Annotation], crowds: list, *, schema: _Schema) -> None:
+    """Sets the record's per-instance arrays from its kept annotations."""
+    if crowds:
+        record.crowd_boxes = np.array(crowds, np.float32).reshape(-1, 4)
+    if schema.num_keypoints:
+        record.keypoints = np.zeros((0, schema.num_keypoints, 3), np.float32)
+    if schema.has_points:
+        record.point_coords, record.point_labels = np.zeros((0, 0, 2), np.float32), np.zeros((0, 0), np.float32)
+    if not found:
+        return
+    record.annotation_ids = [a.annotation_id for a in found]
+    record.boxes = np.array([a.box for a in found], np.float32).reshape(-1, 4)
+    record.labels = np.array([a.label for a in found], np.int64)
+    if schema.has_masks:
+        record.masks = InstanceMasks([a.segmentation for a in found], image_size=(record.height, record.width))
+    record.has_mask = np.array([bool(a.segmentation) for a in found], bool)
+    if schema.num_keypoints:
+        record.keypoints = np.stack([a.keypoints for a in found])  # [N, K, 3]
+        # COCO pixel index -> continuous pixel centre; unlabelled keypoints (v = 0) sit at 0
+        labelled = record.keypoints[..., 2:] > 0
+        record.keypoints[..., :2] = np.where(labelled, record.keypoints[..., :2] + 0.5, 0.0)
+    if schema.has_points:  # pad to the image's largest count; label -1 marks padding
+        most = max(len(a.point_coords) for a in found)
+        record.point_coords = np.zeros((len(found), most, 2), np.float32)
+        record.point_labels = np.full((len(found), most), -1.0, np.float32)
+        for row, a in enumerate(found):
+            record.point_coords[row, :len(a.point_coords)] = a.point_coords
+            record.point_labels[row, :len(a.point_labels)] = a.point_labels

@@ -26,12 +26,14 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.engine import distributed
@@ -235,166 +237,275 @@ def _non_finite_message(iteration: int, names: list[str], values: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------- the loop
+@dataclass
+class TrainSummary:
+    """What `train` returns. `summary["iteration"]` reads like `summary.iteration` (dict-style callers)."""
+
+    model: nn.Module  # unwrapped, on its device
+    rank: int  # under torchrun every rank returns; rank 0 speaks for the run
+    iteration: int  # completed iterations
+    interrupted: str | None  # the signal's name, or None
+    metrics: dict[str, float]  # the last evaluation, flat ("segm/AP", ...)
+    best_metric: float | None
+    last_checkpoint: str
+    best_checkpoint: str | None
+    seconds_per_iteration: float  # this process's iterations, evaluation excluded
+    seconds: float
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+@dataclass
+class TrainingParts:
+    """What one run is built from; fixed once the loop starts."""
+
+    config: Config
+    context: distributed.DistributedContext
+    device: torch.device
+    model: nn.Module  # wrapped for DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    batches: Iterator[tuple[list, list]]
+    writer: MetricsWriter
+    progress: tqdm
+    val_dataset: Any
+    categories: Any  # stored in checkpoints so that predict can name labels
+    use_amp: bool
+    amp_dtype: torch.dtype
+    last_path: Path
+    best_path: Path
+
+
+@dataclass
+class TrainingState:
+    """What changes from iteration to iteration (besides the model and optimizer)."""
+
+    iteration: int  # completed iterations
+    best_metric: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    saved_at: int = -1
+    evaluated_at: int = -1
+    stopped_by: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    timed_from: int = 0
+    evaluation_seconds: float = 0.0  # excluded from the training speed
+    training_speed: float = math.nan
+
+    def seconds_per_iteration(self) -> float:
+        return (time.perf_counter() - self.started - self.evaluation_seconds) / max(self.iteration - self.timed_from, 1)
+
+
+@dataclass
+class StepResult:
+    """One iteration's losses (averaged over ranks), the rate it used, and whether any rank asked to stop."""
+
+    names: list[str]
+    losses: torch.Tensor  # [len(names)]
+    lr: float
+    stop_requested: bool
+
+
 def train(config: Config, *, resume: bool = False, model: nn.Module | None = None,
-          train_dataset: Any = None, val_dataset: Any = None) -> dict:
-    """Train `config.model` on `config.data` as `config.train` says; returns a summary.
+          train_dataset: Any = None, val_dataset: Any = None) -> TrainSummary:
+    """Train `config.model` on `config.data` as `config.train` says; returns a TrainSummary.
 
     resume: continue from `output_dir/last.pth` when it exists (from scratch otherwise).
     model / train_dataset / val_dataset: use these instead of building them from the config
         (tests, notebooks); the datasets follow CocoDataset's item format (docs/design.md).
-    Returns {"model" (unwrapped, on its device), "rank", "iteration", "interrupted" (signal name or
-    None), "metrics" (last evaluation, flat), "best_metric", "last_checkpoint",
-    "best_checkpoint" (or None), "seconds_per_iteration" (evaluation excluded), "seconds"}.
     Under torchrun, a process group that this call started is ended before it returns.
     Raises NonFiniteLossError naming the iteration and loss term(s), leaving `last.pth` as it was.
     """
-    settings = config.train
     owns_process_group = not distributed.is_distributed()  # then it is also ours to end
-    context = distributed.init_distributed(distributed.select_device(settings.device, distributed.DistributedContext()).type)
+    context = distributed.init_distributed(
+        distributed.select_device(config.train.device, distributed.DistributedContext()).type)
+    try:
+        parts, state = _set_up(config, context=context, resume=resume, model=model,
+                               train_dataset=train_dataset, val_dataset=val_dataset)
+        try:
+            _run_loop(parts, state)
+            _finish(parts, state)
+        finally:
+            parts.progress.close()
+            parts.writer.close()
+    finally:
+        if owns_process_group:
+            distributed.shutdown_distributed()
+    return TrainSummary(unwrap_model(parts.model), context.rank, state.iteration, state.stopped_by, state.metrics,
+                        state.best_metric, str(parts.last_path),
+                        str(parts.best_path) if parts.best_path.exists() else None,
+                        state.training_speed, time.perf_counter() - state.started)
+
+
+def _set_up(config: Config, *, context: distributed.DistributedContext, resume: bool, model: nn.Module | None,
+            train_dataset: Any, val_dataset: Any) -> tuple[TrainingParts, TrainingState]:
+    """Model, data, optimizer and schedule, restored from `last.pth` when resuming.
+
+    The order of the steps is part of exact resume: each one that draws random numbers must
+    draw them at the same point in a fresh and in a resumed run.
+    """
+    settings = config.train
     device = distributed.select_device(settings.device, context)
     output_dir = Path(settings.output_dir)
-    last_path, best_path = output_dir / LAST, output_dir / BEST
     if context.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
-
     if settings.cpu_threads is not None:
         # On a CPU shared with other work, fewer threads than cores can be several times faster:
         # each operator's threads wait for one another, and a busy core keeps them all waiting.
         torch.set_num_threads(settings.cpu_threads)
     seed_everything(settings.seed)  # the same initial weights on every rank
     model = (model if model is not None else build_model_from_config(config)).to(device)
-    if settings.init_weights and not (resume and last_path.exists()):
+    if settings.init_weights and not (resume and (output_dir / LAST).exists()):
         _load_initial_weights(unwrap_model(model), settings.init_weights)
     if train_dataset is None:
         train_dataset, val_dataset = build_datasets(config, context)
     optimizer = build_optimizer(model, settings)
     # fp16 needs loss scaling (GradScaler); bf16 has float32's range and runs without it.
     use_amp = settings.amp and device.type in ("cuda", "cpu")
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
-
-    start_iteration, best_metric = 0, None
-    if resume and last_path.exists():
-        # On the CPU: random states must be CPU tensors; load_state_dict moves the rest to the device.
-        checkpoint = load_training_state(last_path, map_location="cpu")
-        _check_resumable(checkpoint, config, context, last_path)
-        start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
-                                                 scheduler=None, scaler=scaler, rank=context.rank)  # fmt: skip
-        apply_hyperparameters(optimizer, settings)  # the config's, e.g. after raising train.iterations
-        best_metric = checkpoint.get("best_metric")
-    else:
-        seed_everything(settings.seed + 1000 * context.rank)  # per-rank sampling of anchors and RoIs
-    scheduler = build_scheduler(optimizer, settings, start_iteration=start_iteration)
+    state = _restore_or_seed(config, context=context, resume=resume, model=model, optimizer=optimizer, scaler=scaler)
+    scheduler = build_scheduler(optimizer, settings, start_iteration=state.iteration)
     model = distributed.wrap_model(model, context, device)
     model.train()
+    parts = TrainingParts(config, context, device, model, optimizer, scheduler, scaler,
+                          *_loop_io(config, context=context, train_dataset=train_dataset, start=state.iteration),
+                          val_dataset, getattr(train_dataset, "categories", None), use_amp,
+                          torch.float16 if device.type == "cuda" else torch.bfloat16, output_dir / LAST, output_dir / BEST)
+    state.started = time.perf_counter()
+    return parts, state
+
+
+def _loop_io(config: Config, *, context: distributed.DistributedContext, train_dataset: Any, start: int
+             ) -> tuple[Iterator[tuple[list, list]], MetricsWriter, tqdm]:
+    """(batches from iteration `start`, the metrics writer, the progress bar)."""
     # A DataLoader draws its base seed from the global generator, and its workers start here.
     with rng_preserved(), children_ignore_sigint():
-        batches = build_train_batches(train_dataset, config, context, start_iteration)
-
-    categories = getattr(train_dataset, "categories", None)  # stored so that predict can name labels
-
-    def save(path: Path, iteration: int) -> None:
-        rng = distributed.all_gather_object(capture_rng_state())  # every rank's state, for exact resume
-        if context.is_main:
-            position = {"iteration": iteration, "batch_size": settings.batch_size,
-                        "world_size": context.world_size, "seed": settings.seed}  # fmt: skip
-            atomic_save(training_state(model=model, config=config, optimizer=optimizer, scheduler=scheduler,
-                                       scaler=scaler, iteration=iteration, rng=rng, data_position=position,
-                                       best_metric=best_metric, categories=categories), path)  # fmt: skip
-
-    def run_evaluation(iteration: int) -> dict[str, float]:
-        nonlocal best_metric, evaluation_seconds
-        evaluation_started = time.perf_counter()
-        metrics = evaluate_model(model, val_dataset, config=config, device=device, context=context,
-                                 results_path=output_dir / "results.json" if context.is_main else None)  # fmt: skip
-        writer.write(iteration, metrics)
-        key = _best_key(config, metrics)
-        if key is not None and (best_metric is None or metrics[key] > best_metric):
-            best_metric = metrics[key]
-            save(best_path, iteration)
-        evaluation_seconds += time.perf_counter() - evaluation_started  # not training time
-        return metrics
-
-    from tqdm import tqdm
-
-    writer = MetricsWriter(output_dir, enabled=context.is_main, tensorboard=settings.tensorboard,
-                           start_iteration=start_iteration)  # fmt: skip
-    progress = tqdm(total=settings.iterations, initial=start_iteration, disable=not context.is_main,
+        batches = build_train_batches(train_dataset, config, context, start)
+    writer = MetricsWriter(Path(config.train.output_dir), enabled=context.is_main,
+                           tensorboard=config.train.tensorboard, start_iteration=start)  # fmt: skip
+    progress = tqdm(total=config.train.iterations, initial=start, disable=not context.is_main,
                     desc="train", dynamic_ncols=True)  # fmt: skip
-    iteration, stopped_by, metrics = start_iteration, None, {}
-    saved_at, evaluated_at = start_iteration if resume else -1, -1
-    started, timed_from, evaluation_seconds = time.perf_counter(), start_iteration, 0.0
+    return batches, writer, progress
 
-    def seconds_per_iteration() -> float:
-        return (time.perf_counter() - started - evaluation_seconds) / max(iteration - timed_from, 1)
 
-    try:
-        with StopSignal() as stop:
-            while iteration < settings.iterations:
-                images, targets = _to_device(*next(batches), device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss_dict = model(images, targets)
-                names = sorted(loss_dict)
-                losses = torch.stack([loss_dict[name].detach().float() for name in names])
-                # One collective per iteration: mean losses for the log and the NaN check on every
-                # rank alike, plus any rank's stop request, so that all ranks stop together.
-                shared = distributed.all_reduce_mean(torch.cat([losses, losses.new_tensor([stop.requested])]))
-                losses, stop_requested = shared[:-1], shared[-1].item() > 0
-                if not torch.isfinite(losses).all():
-                    raise NonFiniteLossError(_non_finite_message(iteration + 1, names, losses.cpu(), last_path))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(sum(loss_dict.values())).backward()
-                if settings.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    clip_gradients(model.parameters(), settings.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                lr = optimizer.param_groups[0]["lr"]  # the rate this iteration used
-                scheduler.step()
-                iteration += 1
-                progress.update(1)
+def _restore_or_seed(config: Config, *, context: distributed.DistributedContext, resume: bool, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> TrainingState:
+    """The state to start from: `last.pth`'s when resuming from one, else iteration 0 with per-rank seeds."""
+    settings = config.train
+    last_path = Path(settings.output_dir) / LAST
+    if not (resume and last_path.exists()):
+        seed_everything(settings.seed + 1000 * context.rank)  # per-rank sampling of anchors and RoIs
+        return TrainingState(iteration=0, saved_at=0 if resume else -1)
+    # On the CPU: random states must be CPU tensors; load_state_dict moves the rest to the device.
+    checkpoint = load_training_state(last_path, map_location="cpu")
+    _check_resumable(checkpoint, config, context, last_path)
+    start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                             scheduler=None, scaler=scaler, rank=context.rank)  # fmt: skip
+    apply_hyperparameters(optimizer, settings)  # the config's, e.g. after raising train.iterations
+    return TrainingState(iteration=start_iteration, best_metric=checkpoint.get("best_metric"),
+                         saved_at=start_iteration, timed_from=start_iteration)
 
-                if iteration % settings.log_every == 0 or iteration == settings.iterations:
-                    values = {"lr": lr, "loss": losses.sum().item(),
-                              **{name: value for name, value in zip(names, losses.tolist())}}  # fmt: skip
-                    values["seconds_per_iteration"] = seconds_per_iteration()
-                    writer.write(iteration, values)
-                    progress.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()
-                                          if k.startswith("loss")})  # fmt: skip
-                if settings.eval_every and iteration % settings.eval_every == 0 and val_dataset is not None:
-                    metrics, evaluated_at = run_evaluation(iteration), iteration
-                if iteration % settings.checkpoint_every == 0 or stop_requested:
-                    save(last_path, iteration)
-                    saved_at = iteration
-                if stop_requested:
-                    stopped_by = stop.received or "a signal on another rank"
-                    progress.write(f"stopped by {stopped_by} after iteration {iteration}; saved {last_path}")
-                    break
-        training_speed = seconds_per_iteration()
-        progress.close()
-        if stopped_by is None:
-            if val_dataset is not None and evaluated_at != iteration:
-                metrics = run_evaluation(iteration)
-            if saved_at != iteration:
-                save(last_path, iteration)
-    finally:
-        progress.close()
-        writer.close()
-        if owns_process_group:
-            distributed.shutdown_distributed()
-    return {
-        "model": unwrap_model(model),
-        "rank": context.rank,  # under torchrun every rank returns; rank 0 speaks for the run
-        "iteration": iteration,
-        "interrupted": stopped_by,
-        "metrics": metrics,
-        "best_metric": best_metric,
-        "last_checkpoint": str(last_path),
-        "best_checkpoint": str(best_path) if best_path.exists() else None,
-        "seconds_per_iteration": training_speed,  # this process's iterations, evaluation excluded
-        "seconds": time.perf_counter() - started,
-    }
+
+def _run_loop(parts: TrainingParts, state: TrainingState) -> None:
+    """Iterations until `train.iterations` or a stop signal (then `last.pth` is saved)."""
+    with StopSignal() as stop:
+        while state.iteration < parts.config.train.iterations:
+            step = train_step(parts, state, stop=stop)
+            state.iteration += 1
+            parts.progress.update(1)
+            after_step(parts, state, step)
+            if step.stop_requested:
+                state.stopped_by = stop.received or "a signal on another rank"
+                parts.progress.write(f"stopped by {state.stopped_by} after iteration {state.iteration}; "
+                                     f"saved {parts.last_path}")
+                break
+    state.training_speed = state.seconds_per_iteration()
+
+
+def train_step(parts: TrainingParts, state: TrainingState, *, stop: StopSignal) -> StepResult:
+    """One optimizer step; raises NonFiniteLossError before the step when a loss is NaN or infinite."""
+    settings, model, optimizer = parts.config.train, parts.model, parts.optimizer
+    images, targets = _to_device(*next(parts.batches), parts.device)
+    with torch.autocast(parts.device.type, dtype=parts.amp_dtype, enabled=parts.use_amp):
+        loss_dict = model(images, targets)
+    names = sorted(loss_dict)
+    losses = torch.stack([loss_dict[name].detach().float() for name in names])
+    # One collective per iteration: mean losses for the log and the NaN check on every
+    # rank alike, plus any rank's stop request, so that all ranks stop together.
+    shared = distributed.all_reduce_mean(torch.cat([losses, losses.new_tensor([stop.requested])]))
+    losses, stop_requested = shared[:-1], shared[-1].item() > 0
+    if not torch.isfinite(losses).all():
+        raise NonFiniteLossError(_non_finite_message(state.iteration + 1, names, losses.cpu(), parts.last_path))
+    optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(sum(loss_dict.values())).backward()
+    if settings.clip_grad_norm is not None:
+        parts.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        clip_gradients(model.parameters(), settings.clip_grad_norm)
+    parts.scaler.step(optimizer)
+    parts.scaler.update()
+    lr = optimizer.param_groups[0]["lr"]  # the rate this iteration used
+    parts.scheduler.step()
+    return StepResult(names, losses, lr, stop_requested)
+
+
+def after_step(parts: TrainingParts, state: TrainingState, step: StepResult) -> None:
+    """Logging, periodic evaluation and checkpoints after iteration `state.iteration`."""
+    settings, iteration = parts.config.train, state.iteration
+    if iteration % settings.log_every == 0 or iteration == settings.iterations:
+        values = {"lr": step.lr, "loss": step.losses.sum().item(),
+                  **{name: value for name, value in zip(step.names, step.losses.tolist())}}  # fmt: skip
+        values["seconds_per_iteration"] = state.seconds_per_iteration()
+        parts.writer.write(iteration, values)
+        parts.progress.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()
+                                    if k.startswith("loss")})  # fmt: skip
+    if settings.eval_every and iteration % settings.eval_every == 0 and parts.val_dataset is not None:
+        run_evaluation(parts, state)
+    if iteration % settings.checkpoint_every == 0 or step.stop_requested:
+        save_checkpoint(parts, state, parts.last_path)
+
+
+def _finish(parts: TrainingParts, state: TrainingState) -> None:
+    """After the last iteration (not after a stop signal): the final evaluation and `last.pth`."""
+    parts.progress.close()
+    if state.stopped_by is not None:
+        return
+    if parts.val_dataset is not None and state.evaluated_at != state.iteration:
+        run_evaluation(parts, state)
+    if state.saved_at != state.iteration:
+        save_checkpoint(parts, state, parts.last_path)
+
+
+def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> None:
+    """Everything exact resume needs, written atomically by rank 0 (every rank takes part)."""
+    settings, context = parts.config.train, parts.context
+    rng = distributed.all_gather_object(capture_rng_state())  # every rank's state, for exact resume
+    if context.is_main:
+        position = {"iteration": state.iteration, "batch_size": settings.batch_size,
+                    "world_size": context.world_size, "seed": settings.seed}  # fmt: skip
+        atomic_save(training_state(model=parts.model, config=parts.config, optimizer=parts.optimizer,
+                                   scheduler=parts.scheduler, scaler=parts.scaler, iteration=state.iteration,
+                                   rng=rng, data_position=position, best_metric=state.best_metric,
+                                   categories=parts.categories), path)  # fmt: skip
+    if path == parts.last_path:
+        state.saved_at = state.iteration
+
+
+def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
+    """Evaluates on the validation set, logs the metrics and keeps `best.pth` for the best one so far."""
+    started = time.perf_counter()
+    output_dir = parts.last_path.parent
+    metrics = evaluate_model(parts.model, parts.val_dataset, config=parts.config, device=parts.device,
+                             context=parts.context,
+                             results_path=output_dir / "results.json" if parts.context.is_main else None)  # fmt: skip
+    parts.writer.write(state.iteration, metrics)
+    key = _best_key(parts.config, metrics)
+    if key is not None and (state.best_metric is None or metrics[key] > state.best_metric):
+        state.best_metric = metrics[key]
+        save_checkpoint(parts, state, parts.best_path)
+    state.metrics, state.evaluated_at = metrics, state.iteration
+    state.evaluation_seconds += time.perf_counter() - started  # not training time
 
 
 def _check_resumable(checkpoint: dict, config: Config, context: distributed.DistributedContext, path: Path) -> None:
