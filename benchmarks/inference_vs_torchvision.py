@@ -17,7 +17,7 @@ import time
 import torch
 import torchvision
 
-from maskrcnn.model.weights import from_torchvision
+from maskrcnn.checkpoint.torchvision import from_torchvision
 
 BUILDERS = {
     "fasterrcnn": torchvision.models.detection.fasterrcnn_resnet50_fpn,

@@ -131,13 +131,12 @@ def test_demo_then_evaluate_then_predict(tmp_path, capsys):
     assert isinstance(json.loads((tmp_path / "pred" / "results.json").read_text()), list)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("maskrcnn.model.weights") is None, reason="weights.py has not landed yet")
 def test_convert_gives_a_checkpoint_that_detects_like_torchvision(tmp_path, capsys):
     import torch
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-    from maskrcnn.model.weights import load_checkpoint
+    from maskrcnn.checkpoint.format import load_checkpoint
 
     torch.manual_seed(0)
     reference = MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 
-from maskrcnn.model.weights import from_torchvision
+from maskrcnn.checkpoint.torchvision import from_torchvision
 
 BUILDERS = {
     "fasterrcnn": torchvision.models.detection.fasterrcnn_resnet50_fpn,

@@ -34,7 +34,7 @@ from maskrcnn.config import (
     load_config,
 )
 from maskrcnn.engine import trainer
-from maskrcnn.engine.checkpoint import load_training_state
+from maskrcnn.engine.training_state import load_training_state
 
 SIZE = 64
 NUM_CLASSES = 2

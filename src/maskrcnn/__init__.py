@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "MaskRCNN": "maskrcnn.model.mask_rcnn",
     "build_model": "maskrcnn.model.mask_rcnn",
-    "from_torchvision": "maskrcnn.model.weights",
-    "load_checkpoint": "maskrcnn.model.weights",
-    "save_checkpoint": "maskrcnn.model.weights",
+    "from_torchvision": "maskrcnn.checkpoint",
+    "load_checkpoint": "maskrcnn.checkpoint",
+    "save_checkpoint": "maskrcnn.checkpoint",
     "Config": "maskrcnn.config",
     "load_config": "maskrcnn.config",
 }

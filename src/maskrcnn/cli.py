@@ -30,25 +30,14 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _read_checkpoint(path: str | Path) -> dict:
-    import torch
-
-    if not Path(path).is_file():
-        raise CommandError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a file it cannot unpickle
-        raise CommandError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise CommandError(f"{path} is not a maskrcnn checkpoint (a torchvision .pth converts with `maskrcnn convert`)")
-    return checkpoint
-
-
 def _load_model(path: str | Path, device) -> tuple:
     """(model in eval mode on `device`, the checkpoint dict)."""
-    checkpoint = _read_checkpoint(path)
-    from maskrcnn.model.weights import load_checkpoint
+    from maskrcnn.checkpoint.format import load_checkpoint, read_checkpoint
 
+    try:
+        checkpoint = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
     try:
         model = load_checkpoint(checkpoint)
     except (KeyError, ValueError, RuntimeError) as error:
@@ -153,11 +142,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from maskrcnn.model.weights import convert_torchvision
+    from maskrcnn.checkpoint.torchvision import convert_torchvision
 
-    if not Path(args.source).is_file():
-        raise CommandError(f"{args.source} does not exist")
-    model = convert_torchvision(args.source, args.destination)
+    try:
+        model = convert_torchvision(args.source, args.destination)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
     print(f"converted {args.source} -> {args.destination} ({model.config.num_classes} classes, "
           f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled})")  # fmt: skip
     return 0

@@ -37,12 +37,11 @@ from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.engine import distributed
-from maskrcnn.engine.checkpoint import (
+from maskrcnn.checkpoint.format import atomic_save, is_checkpoint, read_weights_file
+from maskrcnn.engine.training_state import (
     BEST,
-    CHECKPOINT_FORMAT,
     LAST,
     StopSignal,
-    atomic_save,
     capture_rng_state,
     children_ignore_sigint,
     load_training_state,
@@ -126,18 +125,13 @@ def build_model_from_config(config: Config) -> nn.Module:
 
 def _load_initial_weights(model: nn.Module, path: str) -> None:
     """`train.init_weights`: one of our checkpoints, or a torchvision detection .pth."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"train.init_weights: {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a plain state file: from_torchvision gives the precise message
-        checkpoint = None
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
+    checkpoint = read_weights_file(path, what="train.init_weights:")
+    if is_checkpoint(checkpoint):
         state = checkpoint["model"]
     else:
-        from maskrcnn.model.weights import from_torchvision
+        from maskrcnn.checkpoint.torchvision import from_torchvision
 
-        state = from_torchvision(path).state_dict()
+        state = from_torchvision(checkpoint).state_dict()
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

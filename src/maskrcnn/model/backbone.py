@@ -4,7 +4,7 @@ Feature names follow torchvision: "0", "1", "2", "3" for P2-P5 (strides 4, 8, 16
 for P6 (stride 64, a stride-2 subsampling of P5 that only the RPN uses).
 Parameter names: `body.*` equals torchvision's `backbone.body.*`; the FPN's `lateral_convs.i` /
 `output_convs.i` are torchvision's `backbone.fpn.inner_blocks.i.0` / `layer_blocks.i.0`
-(weights.py holds the mapping).
+(checkpoint/torchvision.py holds the mapping).
 """
 
 from __future__ import annotations

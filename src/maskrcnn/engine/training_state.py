@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, the full training state, random states, stop signals.
+"""Training checkpoints: the full training state, random states, stop signals.
 
 A training checkpoint is the model checkpoint of docs/design.md plus what a run needs to go on
 exactly where it stopped:
@@ -8,22 +8,17 @@ exactly where it stopped:
      "scaler": ..., "rng": [state of rank 0, state of rank 1, ...], "data_position": {...},
      "best_metric": float | None, "categories": [COCO category dicts of the training data]}
 
-Everything in it is a tensor or a plain Python container, so it loads with
-`torch.load(..., weights_only=True)`.
-
-Files are written to a temporary file in the same directory, flushed, fsynced and renamed over
-the old one (`os.replace` is atomic on POSIX and Windows): a crash at any moment leaves either
-the old file or the new one, never half a file.
+Like every checkpoint it is written by `checkpoint.format.atomic_save` and read with
+`torch.load(..., weights_only=True)` (`checkpoint.format.read_checkpoint`), so everything in it
+is a tensor or a plain Python container.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,45 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-CHECKPOINT_FORMAT = "maskrcnn/1"
+from maskrcnn.checkpoint.format import FORMAT, read_checkpoint
+
 LAST = "last.pth"
 BEST = "best.pth"
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """`torch.save(obj, path)` that never leaves a partial file at `path`.
-
-    On any error the temporary file is removed, the previous `path` (if any) is untouched and
-    the error propagates.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory: os.replace is only atomic within one file system.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)  # makes the rename itself durable
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------- random states
@@ -151,7 +111,7 @@ def training_state(
     skeleton), so that `predict` and `evaluate` can name the labels without the data."""
     config_dict = dataclasses.asdict(config)
     return {
-        "format": CHECKPOINT_FORMAT,
+        "format": FORMAT,
         "model_config": config_dict["model"],
         "model": unwrap_model(model).state_dict(),
         "config": config_dict,
@@ -168,16 +128,7 @@ def training_state(
 
 def load_training_state(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
     """Read a training checkpoint, with a clear error for a file that is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"checkpoint {path}: expected format {CHECKPOINT_FORMAT!r}, found {found!r}")
+    checkpoint = read_checkpoint(path, map_location=map_location)
     missing = [key for key in ("model", "optimizer", "scheduler", "iteration") if key not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path} has no {', '.join(missing)}: it holds weights only and cannot resume a run")

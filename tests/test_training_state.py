@@ -1,11 +1,8 @@
-"""Atomic checkpoint writes, the training-state format, random states and stop signals."""
+"""The training-state checkpoint, random states and stop signals."""
 
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,10 +10,9 @@ import torch
 from torch import nn
 
 from maskrcnn.config import Config, TrainConfig
-from maskrcnn.engine.checkpoint import (
-    CHECKPOINT_FORMAT,
+from maskrcnn.checkpoint.format import FORMAT as CHECKPOINT_FORMAT, atomic_save
+from maskrcnn.engine.training_state import (
     StopSignal,
-    atomic_save,
     capture_rng_state,
     load_training_state,
     restore_rng_state,
@@ -24,48 +20,6 @@ from maskrcnn.engine.checkpoint import (
     training_state,
 )
 from maskrcnn.engine.optim import build_optimizer, build_scheduler
-
-
-class _FailsWhilePickled:
-    """Raises from inside torch.save, after part of the file has been written."""
-
-    def __reduce__(self):
-        raise RuntimeError("disk on fire")
-
-
-def test_atomic_save_replaces_and_round_trips(tmp_path):
-    path = tmp_path / "sub" / "last.pth"
-    atomic_save({"a": torch.arange(3)}, path)
-    atomic_save({"a": torch.arange(5)}, path)
-    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(5))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pth"]  # no temporary left behind
-
-
-def test_error_mid_write_leaves_old_file_intact(tmp_path):
-    path = tmp_path / "last.pth"
-    atomic_save({"iteration": 7, "w": torch.ones(1000)}, path)
-    before = path.read_bytes()
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        atomic_save({"w": torch.zeros(100_000), "bad": _FailsWhilePickled()}, path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
-
-
-def test_process_killed_mid_write_leaves_old_file_intact(tmp_path):
-    """A hard crash (no Python cleanup at all) after the new bytes are written, before the rename."""
-    path = tmp_path / "last.pth"
-    atomic_save({"iteration": 7}, path)
-    before = path.read_bytes()
-    script = textwrap.dedent(f"""
-        import os, torch
-        from maskrcnn.engine import checkpoint
-        os.fsync = lambda fd: os._exit(3)  # the process dies right there, like a power cut
-        checkpoint.atomic_save({{"iteration": 8, "w": torch.zeros(10_000)}}, {str(path)!r})
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
-    assert result.returncode == 3, result.stderr.decode()
-    assert path.read_bytes() == before
-    assert torch.load(path, weights_only=True) == {"iteration": 7}
 
 
 def test_rng_state_round_trip():

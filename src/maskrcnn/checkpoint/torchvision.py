@@ -1,30 +1,20 @@
-"""Weights in and out: torchvision's detection models, and our own checkpoints.
-
-`from_torchvision(source)` converts `fasterrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn` or
-`keypointrcnn_resnet50_fpn` (a model, its state dict, or a saved .pth) into our `MaskRCNN`,
-configured with torchvision's settings so that it reproduces torchvision's outputs.
-Our checkpoint format is docs/design.md's: `{"format": "maskrcnn/1", "model_config": ..., "model": ...}`.
+"""torchvision's detection weights: `from_torchvision(source)` converts `fasterrcnn_resnet50_fpn`,
+`maskrcnn_resnet50_fpn` or `keypointrcnn_resnet50_fpn` (a model, its state dict, or a saved .pth)
+into our `MaskRCNN`, configured with torchvision's settings so that it reproduces torchvision's
+outputs; `convert_torchvision` writes the result as our checkpoint (format.py).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import os
-import pickle
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig, from_dict
-from .mask_rcnn import MaskRCNN, build_model
-
-CHECKPOINT_FORMAT = "maskrcnn/1"
+from ..config import ModelConfig
+from ..model.mask_rcnn import MaskRCNN, build_model
+from .format import load_state_dict_checked, read_weights_file, save_checkpoint
 
 # torchvision name (regex) -> our name. Everything not listed keeps its name (the ResNet body and
 # the box head keep torchvision's names). Old (v1) torchvision layouts without the `.0` of
@@ -57,7 +47,6 @@ KEYPOINT_KEY = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
 KEYPOINT_RCNN_TRAIN_SIZES = [640, 672, 704, 736, 768, 800]
 
 
-# --------------------------------------------------------------------------- torchvision
 def from_torchvision(source: nn.Module | dict | str | Path) -> MaskRCNN:
     """Our model, in eval mode, equal to the torchvision detection model the weights come from.
 
@@ -80,15 +69,7 @@ def torchvision_state_dict(source: nn.Module | dict | str | Path) -> dict[str, T
     if isinstance(source, nn.Module):
         return source.state_dict()
     if isinstance(source, (str, Path)):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"torchvision weights {source} do not exist")
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{source}: holds more than weights (a whole pickled model?); load it yourself with "
-                "torch.load(..., weights_only=False) if you trust the file, and pass the model"
-            ) from error
+        source = read_weights_file(source, what="torchvision weights")
     if not isinstance(source, dict):
         raise TypeError(f"expected a torchvision model, a state dict or a .pth path, got {type(source).__name__}")
     if "model" in source and isinstance(source["model"], dict):
@@ -212,69 +193,6 @@ def convert_torchvision_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor
             key = re.sub(pattern, replacement, key)
         converted[key] = value
     return converted
-
-
-def load_state_dict_checked(model: nn.Module, state: dict[str, Tensor], *, what: str) -> None:
-    """`load_state_dict(strict=True)` with an error that lists the mismatching names."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-                   if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"{what} do not fit the model: {len(missing)} missing (e.g. {missing[:4]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:4]}), {len(wrong_shape)} of another shape "
-            f"(e.g. {wrong_shape[:3]})"
-        )
-    model.load_state_dict(state)
-
-
-# --------------------------------------------------------------------------- our checkpoints
-def save_checkpoint(path: str | Path, model: nn.Module, *, model_config: ModelConfig, **extra: Any) -> None:
-    """Write `{"format", "model_config", "model", **extra}` atomically (temp file + os.replace), so
-    that an interrupted save never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": dataclasses.asdict(model_config),
-        "model": model.state_dict(),
-        **extra,
-    }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(checkpoint, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(source: str | Path | dict) -> MaskRCNN:
-    """Rebuild the model from one of our checkpoints (a path or the loaded dict); eval mode.
-
-    Checkpoints are pickles (they may hold optimizer and RNG state): load only files you trust.
-    """
-    if isinstance(source, (str, Path)):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"checkpoint {source} does not exist")
-        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    else:
-        checkpoint = source
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(
-            f"{source if isinstance(source, (str, Path)) else 'checkpoint'}: not a {CHECKPOINT_FORMAT} checkpoint "
-            f"(format {found!r}); torchvision weights load with from_torchvision()"
-        )
-    config = from_dict(ModelConfig, copy.deepcopy(checkpoint["model_config"]))
-    config.backbone.weights = None  # ImageNet initialisation is superseded by the saved weights
-    model = build_model(config)
-    load_state_dict_checked(model, checkpoint["model"], what="checkpoint weights")
-    return model.eval()
 
 
 def convert_torchvision(source: str | Path, destination: str | Path) -> MaskRCNN:

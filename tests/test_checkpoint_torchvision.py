@@ -1,4 +1,4 @@
-"""from_torchvision (model / state dict / .pth), errors for wrong weights, and our checkpoint round trip."""
+"""from_torchvision (model / state dict / .pth), errors for wrong weights, convert_torchvision."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.model.mask_rcnn import build_model
-from maskrcnn.model.weights import convert_torchvision, from_torchvision, load_checkpoint, save_checkpoint
+from maskrcnn.checkpoint.format import load_checkpoint
+from maskrcnn.checkpoint.torchvision import convert_torchvision, from_torchvision
 
 # see test_model.py: one thread per test process on this shared machine
 torch.set_num_threads(1)
@@ -92,32 +92,6 @@ def test_wrong_or_partial_weights_give_clear_errors(tmp_path):
         from_torchvision(str(tmp_path / "nowhere.pth"))
     with pytest.raises(TypeError, match="expected a torchvision model"):
         from_torchvision(42)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    from test_model import small_config  # the same small model as test_model.py
-
-    torch.manual_seed(4)
-    config = small_config()
-    model = build_model(config)
-    path = tmp_path / "sub" / "model.pth"
-    save_checkpoint(path, model, model_config=config, iteration=12)
-    assert [p.name for p in path.parent.iterdir()] == ["model.pth"]  # no temporary file left behind
-    loaded = load_checkpoint(path)
-    assert not loaded.training and loaded.config == config
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
-    checkpoint = torch.load(path, weights_only=False)
-    assert checkpoint["format"] == "maskrcnn/1" and checkpoint["iteration"] == 12
-    assert isinstance(load_checkpoint(checkpoint), type(model))
-    model.eval()
-    image = torch.rand(3, 90, 100)
-    with torch.no_grad():
-        expected, got = model([image])[0], loaded([image])[0]
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="not a maskrcnn/1 checkpoint"):
-        load_checkpoint({"model": {}})
 
 
 def test_convert_torchvision_writes_a_checkpoint(tmp_path):

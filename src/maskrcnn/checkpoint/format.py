@@ -1,0 +1,161 @@
+"""Our checkpoint format: one file, `torch.save` of a dict (docs/design.md, "Checkpoints").
+
+    {"format": "maskrcnn/1", "model_config": dataclasses.asdict(ModelConfig), "model": state_dict,
+     ...optional keys: the trainer's state (engine/training_state.py), "categories", "converted_from"}
+
+Everything in it is a tensor or a plain Python container (configs are saved as dicts, never as
+our classes), so every reader here uses `torch.load(..., weights_only=True)`: opening a
+checkpoint never runs code from the file.
+
+Files are written to a temporary file in the same directory, flushed, fsynced and renamed over
+the old one (`os.replace` is atomic on POSIX and Windows), then the directory is fsynced: a
+crash at any moment leaves either the old file or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, from_dict
+from ..model.mask_rcnn import MaskRCNN, build_model
+
+FORMAT = "maskrcnn/1"
+
+
+# --------------------------------------------------------------------------- writing
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj, path)` that never leaves a partial file at `path`.
+
+    On any error the temporary file is removed, the previous `path` (if any) is untouched and
+    the error propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory: os.replace is only atomic within one file system.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)  # makes the rename itself durable
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_config: ModelConfig, **extra: Any) -> Path:
+    """Write `{"format", "model_config", "model", **extra}` atomically (see `atomic_save`).
+
+    `extra` must be tensors and plain containers, so that the file loads with weights_only=True."""
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    checkpoint = {
+        "format": FORMAT,
+        "model_config": dataclasses.asdict(model_config),
+        "model": model.state_dict(),
+        **extra,
+    }
+    return atomic_save(checkpoint, path)
+
+
+# --------------------------------------------------------------------------- reading
+def read_weights_file(path: str | Path, *, map_location: str | torch.device = "cpu", what: str = "weights") -> Any:
+    """`torch.load(path, weights_only=True)` with errors that name the file: FileNotFoundError
+    when it does not exist, ValueError when it holds more than tensors and containers (a whole
+    pickled model) or is not a torch file at all."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        pickled_class = re.search(r"GLOBAL (\S+)", str(error))  # torch names the class it refused
+        if pickled_class is None:
+            raise ValueError(f"{what} {path} cannot be read (UnpicklingError: not a torch file?)") from error
+        raise ValueError(
+            f"{what} {path} cannot be read: it holds more than weights ({pickled_class[1]}: a whole pickled "
+            "model?); load it yourself with torch.load(..., weights_only=False) if you trust the file, and pass "
+            "the model"
+        ) from error
+    except Exception as error:  # torch raises several types for a file it cannot read
+        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {_first_line(error)})") from error
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), "")
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """True for a dict in our format (whatever else it holds)."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def check_format(checkpoint: Any, *, where: str) -> dict:
+    """`checkpoint` itself when it is ours; a ValueError that says what it is otherwise."""
+    if not is_checkpoint(checkpoint):
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"{where}: expected format {FORMAT!r}, found {found!r}: not a {FORMAT} checkpoint "
+            "(torchvision weights load with from_torchvision() or convert with `maskrcnn convert`)"
+        )
+    return checkpoint
+
+
+def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
+    """One of our checkpoint files, read with weights_only=True; clear errors otherwise."""
+    checkpoint = read_weights_file(path, map_location=map_location, what="checkpoint")
+    return check_format(checkpoint, where=f"checkpoint {path}")
+
+
+def load_checkpoint(source: str | Path | dict) -> MaskRCNN:
+    """Rebuild the model from one of our checkpoints (a path or the loaded dict); eval mode."""
+    if isinstance(source, (str, Path)):
+        checkpoint = read_checkpoint(source)
+    else:
+        checkpoint = check_format(source, where="checkpoint")
+    config = from_dict(ModelConfig, copy.deepcopy(checkpoint["model_config"]))
+    config.backbone.weights = None  # ImageNet initialisation is superseded by the saved weights
+    model = build_model(config)
+    load_state_dict_checked(model, checkpoint["model"], what="checkpoint weights")
+    return model.eval()
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, Tensor], *, what: str) -> None:
+    """`load_state_dict(strict=True)` with an error that lists the mismatching names."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+                   if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{what} do not fit the model: {len(missing)} missing (e.g. {missing[:4]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:4]}), {len(wrong_shape)} of another shape "
+            f"(e.g. {wrong_shape[:3]})"
+        )
+    model.load_state_dict(state)
