@@ -18,6 +18,13 @@ Reading is forgiving per annotation and strict per file (CocoFormatError). The r
   keypoints of the wrong length or bad visibility flags  -> all keypoints unlabelled, v=0 (repaired)
   point_coords / point_labels of mismatched lengths      -> points dropped (repaired)
   iscrowd: 1                                             -> target["crowd_boxes"], counted
+  iscrowd neither 0 nor 1 (as number, bool or string)    -> annotation skipped (error)
+  numbers written as strings ("iscrowd": "0", "area":
+    "12", bbox, ids, height / width)                     -> read as numbers (repaired)
+  area not a number >= 0                                 -> computed from the mask (repaired)
+  num_keypoints differing from the labelled keypoints    -> corrected (repaired)
+  annotation id repeated, 0, negative or not an integer  -> renumbered in the evaluation copy
+                                                            (pycocotools indexes by id) (repaired)
 
 EXIF policy: pixels are turned upright by their EXIF orientation (as a camera viewer shows
 them, as detectron2 reads them), and the JSON's width/height must then match. If instead the
@@ -233,6 +240,7 @@ class _Annotation:
 
     image_id: int
     annotation_id: Any
+    index: int  # position in the file's annotations list, for messages
     box: tuple[float, float, float, float]  # x1y1x2y2, clipped to the image
     label: int
     segmentation: Any  # cleaned polygon parts or RLE; [] when there is no usable mask
@@ -260,28 +268,52 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
     keypoint_names, sigmas, flip_map = _keypoint_schema(categories, problems)
     images = _read_images(data["images"], image_dir, check_images=check_images, problems=problems)
     annotations = data.get("annotations", [])
-    usable = [a for a in annotations if isinstance(a, dict) and not a.get("iscrowd")]
+    usable = [a for a in annotations if isinstance(a, dict) and _crowd_flag(a.get("iscrowd")) is False]
     schema = _Schema({c["id"]: i + 1 for i, c in enumerate(categories)}, len(keypoint_names),
                      has_masks=any(a.get("segmentation") for a in usable),
                      has_points=any("point_coords" in a for a in usable))
     instances: dict[int, list[_Annotation]] = {image_id: [] for image_id in images.records}
     crowds: dict[int, list] = {image_id: [] for image_id in images.records}
-    clean_annotations = []
-    for index, ann in enumerate(annotations):
-        read = _read_annotation(ann, index, images=images, schema=schema, problems=problems)
-        if read is None:
-            continue
+    kept = [read for index, ann in enumerate(annotations)
+            if (read := _read_annotation(ann, index, images=images, schema=schema, problems=problems)) is not None]
+    for read in kept:
         if read.crowd:
             crowds[read.image_id].append(read.box)
         else:
             instances[read.image_id].append(read)
-        clean_annotations.append(read.clean)
+    _renumber_for_evaluation(kept, problems)
+    clean_annotations = [read.clean for read in kept]
     for image_id, record in images.records.items():
         _fill_record(record, instances[image_id], crowds[image_id], schema=schema)
     clean_dataset = {key: value for key, value in data.items() if key not in ("images", "annotations")}
     clean_dataset.update(images=images.clean, annotations=clean_annotations)
     return ParsedCoco(list(images.records.values()), problems, categories, keypoint_names, sigmas, flip_map,
                       schema.has_masks, schema.has_points, clean_dataset)
+
+
+def _renumber_for_evaluation(kept: list[_Annotation], problems: list[Problem]) -> None:
+    """Gives the evaluation copy of every annotation a unique positive integer id.
+
+    pycocotools indexes ground truth by id (a duplicate replaces the first) and marks a match
+    with the matched id, so that id 0 reads as "unmatched": either scores a perfect prediction
+    below 1.0. Files merged from two sources repeat ids; the training arrays do not need them.
+    """
+    def usable(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    next_id = max((read.annotation_id for read in kept if usable(read.annotation_id)), default=0) + 1
+    first_index: dict[int, int] = {}
+    for read in kept:
+        value = read.annotation_id
+        if usable(value) and value not in first_index:
+            first_index[value] = read.index
+            continue
+        reason = (f"duplicate annotation id (annotations[{first_index[value]}] has it too)" if usable(value)
+                  else f"{value!r} is not a positive integer, which pycocotools needs")
+        problems.append(Problem("warning", read.image_id, value, "id",
+                                f"{reason}: renumbered to {next_id} for evaluation (annotations[{read.index}])"))
+        read.clean["id"] = next_id
+        next_id += 1
 
 
 def _keypoint_schema(categories: list[dict], problems: list[Problem]
@@ -329,6 +361,10 @@ def _read_image(entry: dict, image_dir: Path, *, check_images: str, report: _Rep
         return None
     height, width = entry.get("height"), entry.get("width")
     size = (height, width) if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
+    numbers = [_number(v) if isinstance(v, str) else None for v in (height, width)]
+    if size is None and all(n is not None and n == int(n) and n > 0 for n in numbers):
+        size = (int(numbers[0]), int(numbers[1]))
+        report.repair("height/width", f"({height!r}, {width!r}) are strings: read as {size}")
     apply_exif = True
     path = image_dir / file_name
     if check_images != "none" and not path.is_file():
@@ -373,6 +409,9 @@ def _read_annotation(ann: Any, index: int, *, images: _Images, schema: _Schema,
     ann_id = ann.get("id", f"annotations[{index}]") if isinstance(ann, dict) else f"annotations[{index}]"
     image_id = ann.get("image_id") if isinstance(ann, dict) else None
     report = _Report(problems, image_id, ann_id)
+    if isinstance(ann, dict):
+        ann = _numbers_repaired(ann, report)
+        image_id = ann.get("image_id")
     if not _annotation_refers(ann, images=images, schema=schema, report=report):
         return None
     record = images.records[image_id]
@@ -382,8 +421,9 @@ def _read_annotation(ann: Any, index: int, *, images: _Images, schema: _Schema,
         return None
     for note in notes:
         report.repair("segmentation", note)
-    read = _Annotation(image_id, ann["id"], box, schema.category_to_label[ann["category_id"]], segmentation,
-                       crowd=bool(ann.get("iscrowd")), clean=_clean_entry(ann, box, segmentation, record))
+    read = _Annotation(image_id, ann["id"], index, box, schema.category_to_label[ann["category_id"]], segmentation,
+                       crowd=bool(_crowd_flag(ann.get("iscrowd"))),
+                       clean=_clean_entry(ann, box, segmentation, record, report))
     if read.crowd:
         return read
     if schema.has_masks and not segmentation:
@@ -391,7 +431,13 @@ def _read_annotation(ann: Any, index: int, *, images: _Images, schema: _Schema,
     read.keypoints, note = _keypoints(ann.get("keypoints"), schema.num_keypoints)
     if note:
         report.repair("keypoints", note)
-        read.clean["keypoints"], read.clean["num_keypoints"] = [0] * (3 * schema.num_keypoints), 0
+        read.clean["keypoints"] = [0] * (3 * schema.num_keypoints)
+    if schema.num_keypoints:  # COCOeval reads num_keypoints (0 = ignored) and fails without it
+        labelled = int((read.keypoints[:, 2] > 0).sum())
+        if "num_keypoints" in ann and ann["num_keypoints"] != labelled and not note:
+            report.repair("num_keypoints", f"{ann['num_keypoints']!r} differs from the {labelled} labelled keypoints: "
+                                           f"set to {labelled}")
+        read.clean["num_keypoints"] = labelled
     read.point_coords, read.point_labels = _points(ann, report)
     return read
 
@@ -410,6 +456,9 @@ def _annotation_refers(ann: Any, *, images: _Images, schema: _Schema, report: _R
         return False
     if image_id not in images.records:
         report.skip("image_id", f"unknown image id {image_id!r}")
+        return False
+    if _crowd_flag(ann.get("iscrowd")) is None:
+        report.skip("iscrowd", f"expected 0 or 1, got {ann.get('iscrowd')!r}")
         return False
     if ann.get("category_id") not in schema.category_to_label:
         report.skip("category_id", f"unknown category id {ann.get('category_id')!r}; "
@@ -443,17 +492,67 @@ def _annotation_box(bbox: Any, segmentation: Any, record: ImageRecord, report: _
     return clipped
 
 
-def _clean_entry(ann: dict, box: tuple[float, float, float, float], segmentation: Any, record: ImageRecord) -> dict:
+def _clean_entry(ann: dict, box: tuple[float, float, float, float], segmentation: Any, record: ImageRecord,
+                 report: _Report) -> dict:
     """The annotation as evaluation reads it: the repaired box, a mask for every ground truth, an area."""
     x1, y1, x2, y2 = box
     clean = {**ann, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-             "iscrowd": int(bool(ann.get("iscrowd", 0)))}
+             "iscrowd": int(bool(_crowd_flag(ann.get("iscrowd"))))}
     # evaluation needs a mask for every ground truth: the box stands in for a missing one
     clean["segmentation"] = segmentation or [[x1, y1, x2, y1, x2, y2, x1, y2]]
-    if "area" not in ann:  # COCOeval's small / medium / large ranges read it: the mask's area, as COCO's
+    area = _number(ann.get("area"))
+    if area is None or area < 0:  # COCOeval's small / medium / large ranges read it: the mask's area, as COCO's
         rle = _segmentation_rle(segmentation, record.height, record.width) if segmentation else None
         clean["area"] = float(mask_utils.area(rle)) if rle else float((x2 - x1) * (y2 - y1))
+        if "area" in ann:
+            report.repair("area", f"{ann['area']!r} is not a number >= 0: computed from the mask ({clean['area']:g})")
+    elif not isinstance(ann["area"], (int, float)):
+        report.repair("area", f"{ann['area']!r} is a string: read as {area:g}")
+        clean["area"] = area
     return clean
+
+
+def _number(value: Any) -> float | None:
+    """A finite number given as a number or a numeric string ("12.5"); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _crowd_flag(value: Any) -> bool | None:
+    """iscrowd as a bool (missing = 0); None when it is neither 0 nor 1 (as number, bool or string)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    number = _number(value)
+    return bool(number) if number in (0.0, 1.0) else None
+
+
+def _numbers_repaired(ann: dict, report: _Report) -> dict:
+    """The annotation with numbers that were written as strings ("iscrowd": "0") read as numbers.
+
+    Python's truth of "0" is True: read as written, such a string would turn an object into a
+    crowd region. Strings that are no number are left for the checks that follow to report.
+    """
+    repaired = dict(ann)
+    for key in ("image_id", "category_id"):
+        number = _number(ann.get(key)) if isinstance(ann.get(key), str) else None
+        if number is not None and number == int(number):
+            repaired[key] = int(number)
+            report.repair(key, f"{ann[key]!r} is a string: read as {int(number)}")
+    if isinstance(ann.get("iscrowd"), str) and _crowd_flag(ann["iscrowd"]) is not None:
+        repaired["iscrowd"] = int(_crowd_flag(ann["iscrowd"]))
+        report.repair("iscrowd", f"{ann['iscrowd']!r} is a string: read as {repaired['iscrowd']}")
+    bbox = ann.get("bbox")
+    if isinstance(bbox, list) and any(isinstance(v, str) for v in bbox) and all(_number(v) is not None for v in bbox):
+        repaired["bbox"] = [_number(v) for v in bbox]
+        report.repair("bbox", f"{bbox!r} holds strings: read as numbers {repaired['bbox']}")
+    return repaired
 
 
 def _points(ann: dict, report: _Report) -> tuple[np.ndarray, np.ndarray]:
