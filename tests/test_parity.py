@@ -1,4 +1,6 @@
-"""Parity with torchvision's fasterrcnn / maskrcnn / keypointrcnn_resnet50_fpn on the same seeded weights.
+"""Parity with torchvision's fasterrcnn / maskrcnn / keypointrcnn_resnet50_fpn and the v2 builders
+fasterrcnn / maskrcnn_resnet50_fpn_v2 (norm in the FPN and the heads, 2-conv RPN head, 4-conv +
+1-fc box head) on the same seeded weights.
 
 Each torchvision model is built once per module (weights=None: nothing is downloaded) and converted
 with `from_torchvision`. Both run on small images (min_size 96, max_size 160) so ResNet-50 stays fast.
@@ -18,6 +20,8 @@ BUILDERS = {
     "fasterrcnn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
     "maskrcnn": torchvision.models.detection.maskrcnn_resnet50_fpn,
     "keypointrcnn": torchvision.models.detection.keypointrcnn_resnet50_fpn,
+    "fasterrcnn_v2": torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
+    "maskrcnn_v2": torchvision.models.detection.maskrcnn_resnet50_fpn_v2,
 }
 MIN_SIZE, MAX_SIZE = 96, 160
 # see test_model.py: one thread per test process on this shared machine
@@ -47,7 +51,7 @@ def pair(request):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         theirs.roi_heads.box_predictor.cls_score.weight.mul_(30)
-        for module in theirs.backbone.body.modules():  # non-trivial BatchNorm statistics
+        for module in theirs.modules():  # non-trivial BatchNorm statistics (body; v2: FPN and heads too)
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=g) * 0.1)
                 module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) + 0.5)
@@ -109,7 +113,7 @@ def test_detections_equal_batched_and_single(pair):
         compare_detections(ours(images), theirs(images))
         single = ours(images[:1])
         compare_detections(single, theirs(images[:1]))
-    assert {"fasterrcnn": "boxes", "maskrcnn": "masks", "keypointrcnn": "keypoints"}[arch] in single[0]
+    assert {"fasterrcnn": "boxes", "maskrcnn": "masks", "keypointrcnn": "keypoints"}[arch.removesuffix("_v2")] in single[0]
 
 
 def make_targets(arch, images):
@@ -119,7 +123,7 @@ def make_targets(arch, images):
         h, w = image.shape[-2:]
         boxes = torch.tensor([[4.0, 6.0, w / 2, h / 2], [w / 3, h / 4, w - 3.0, h - 5.0]])
         target = {"boxes": boxes, "labels": torch.tensor([1, 4])}
-        if arch == "maskrcnn":
+        if arch.startswith("maskrcnn"):
             masks = torch.zeros(2, h, w, dtype=torch.uint8)
             masks[0, 8 : h // 2 - 2, 6 : w // 2 - 1] = 1
             masks[1] = (torch.rand(h, w, generator=g) > 0.4).to(torch.uint8)
@@ -146,3 +150,14 @@ def test_losses_equal_with_same_seed(pair):
     for name in expected:
         assert expected[name] > 0, name
         torch.testing.assert_close(losses[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_v2_layout_is_read_off_the_weights(pair):
+    arch, ours, _ = pair
+    config = ours.config
+    v2 = arch.endswith("_v2")
+    assert config.backbone.fpn_norm == ("bn" if v2 else "none") and config.rpn.num_convs == (2 if v2 else 1)
+    box = config.box_head
+    assert (box.num_convs, box.num_fcs, box.norm) == ((4, 1, "bn") if v2 else (0, 2, "none"))
+    if config.mask_head.enabled:
+        assert config.mask_head.norm == ("bn" if v2 else "none")

@@ -24,6 +24,7 @@ class BackboneConfig:
     norm: str = "frozen_bn"  # "frozen_bn" (pretrained weights) | "bn" | "gn" (training from scratch)
     trainable_stages: int = 3  # 0..5: how many of (layer4, layer3, layer2, layer1, stem) train
     fpn_channels: int = 256
+    fpn_norm: str = "none"  # "none" | "bn" | "gn" after each FPN conv (torchvision's *_fpn_v2: "bn")
     weights: str | None = None  # optional local path of ImageNet ResNet weights (torchvision layout)
 
 
@@ -41,6 +42,7 @@ class TransformConfig:
 class RPNConfig:
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per level P2..P6
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    num_convs: int = 1  # shared conv3x3 + ReLU layers of the head (torchvision's *_fpn_v2: 2)
     pre_nms_top_n_train: int = 2000  # per level
     pre_nms_top_n_test: int = 1000
     post_nms_top_n_train: int = 2000  # per image
@@ -66,6 +68,7 @@ class BoxHeadConfig:
     num_convs: int = 0  # 0 = Mask R-CNN's "2fc" head; >0 adds conv3x3 layers before the FC layers
     conv_dim: int = 256  # width of those conv layers
     norm: str = "none"  # "none" | "gn" | "bn" after each of those conv layers
+    num_fcs: int = 2  # fully connected layers after them: 2 ("2fc"), or 1 (torchvision's *_fpn_v2: 4 convs + 1 fc)
     fc_dim: int = 1024
     bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     score_thresh: float = 0.05

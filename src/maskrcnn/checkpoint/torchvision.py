@@ -1,7 +1,7 @@
 """torchvision's detection weights: `from_torchvision(source)` converts `fasterrcnn_resnet50_fpn`,
-`maskrcnn_resnet50_fpn` or `keypointrcnn_resnet50_fpn` (a model, its state dict, or a saved .pth)
-into our `MaskRCNN`, configured with torchvision's settings so that it reproduces torchvision's
-outputs; `convert_torchvision` writes the result as our checkpoint (format.py).
+`maskrcnn_resnet50_fpn`, `keypointrcnn_resnet50_fpn` or the v2 builders `fasterrcnn_resnet50_fpn_v2`
+/ `maskrcnn_resnet50_fpn_v2` (a model, its state dict, or a saved .pth) into our `MaskRCNN`,
+configured with torchvision's settings so that it reproduces torchvision's outputs; `convert_torchvision` writes the result as our checkpoint (format.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from .format import load_state_dict_checked, read_weights_file, save_checkpoint
 TORCHVISION_TO_OURS: list[tuple[str, str | Callable[[re.Match], str]]] = [
     (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.lateral_convs.\1.\2"),
     (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.output_convs.\1.\2"),
+    # v2: a norm after each FPN conv
+    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.1\.", r"backbone.fpn.lateral_norms.\1."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.1\.", r"backbone.fpn.output_norms.\1."),
     (r"^rpn\.head\.conv\.(?:0\.0\.)?(weight|bias)$", r"rpn.head.conv.\1"),
+    # v2: more RPN convs (torchvision's conv.1.0, conv.2.0, ...)
+    (r"^rpn\.head\.conv\.(\d+)\.0\.", lambda m: f"rpn.head.extra_convs.{int(m[1]) - 1}."),
+    # v2 box head (FastRCNNConvFCHead): conv blocks `i.0` / `i.1`; its Linear layers are renamed
+    # by _box_head_fc_names, since their index depends on the number of convs
+    (r"^roi_heads\.box_head\.(\d+)\.(\d+)\.", r"roi_heads.box_head.convs.\1.\2."),
     (r"^rpn\.head\.cls_logits\.", r"rpn.head.objectness_logits."),
     (r"^rpn\.head\.bbox_pred\.", r"rpn.head.box_deltas."),
     # mask head (see mask_head.py): torchvision's Sequential of conv blocks, or the v1 mask_fcn{n}
@@ -38,9 +46,9 @@ REQUIRED_TORCHVISION_KEYS = (
     "backbone.body.conv1.weight",
     "backbone.fpn.inner_blocks.0.0.weight",
     "rpn.head.cls_logits.weight",
-    "roi_heads.box_head.fc6.weight",
     "roi_heads.box_predictor.cls_score.weight",
 )
+V1_BOX_HEAD_KEY = "roi_heads.box_head.fc6.weight"  # TwoMLPHead; v2's FastRCNNConvFCHead is a Sequential
 MASK_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
 KEYPOINT_KEY = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
 # torchvision's keypointrcnn_resnet50_fpn trains on several scales (its other settings are the defaults)
@@ -75,6 +83,8 @@ def torchvision_state_dict(source: nn.Module | dict | str | Path) -> dict[str, T
     if "model" in source and isinstance(source["model"], dict):
         source = source["model"]
     missing = [key for key in REQUIRED_TORCHVISION_KEYS if _find(source, key) is None]
+    if V1_BOX_HEAD_KEY not in source and not _box_head_fc_keys(source):
+        missing.append(f"{V1_BOX_HEAD_KEY} (or the Linear layers of a v2 roi_heads.box_head)")
     if missing:
         sample = ", ".join(list(source)[:5])
         raise ValueError(
@@ -104,13 +114,15 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
     config.backbone.norm = "bn" if trained_with_bn else "frozen_bn"
     config.backbone.trainable_stages = 5 if trained_with_bn else 3
     config.backbone.fpn_channels = _find(state, "backbone.fpn.inner_blocks.0.0.weight").shape[0]
+    config.backbone.fpn_norm = "bn" if "backbone.fpn.inner_blocks.0.1.running_mean" in state else "none"
+    config.rpn.num_convs = max(1, sum(1 for k in state if re.fullmatch(r"rpn\.head\.conv\.\d+\.0\.weight", k)))
     config.rpn.aspect_ratios = [0.5, 1.0, 2.0]
     if state["rpn.head.cls_logits.weight"].shape[0] != len(config.rpn.aspect_ratios):
         raise ValueError(
             f"rpn.head.cls_logits has {state['rpn.head.cls_logits.weight'].shape[0]} anchors per location; "
             "torchvision's builders use 3 (aspect ratios 0.5, 1, 2)"
         )
-    config.box_head.fc_dim = state["roi_heads.box_head.fc6.weight"].shape[0]
+    _infer_box_head(state, config)
     config.mask_head.enabled = MASK_KEY in state
     if config.mask_head.enabled:
         config.mask_head.num_convs = sum(1 for k in state if re.fullmatch(r"roi_heads\.mask_head\.\d+\.0\.weight", k)
@@ -118,6 +130,7 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
         first_conv = _find(state, "roi_heads.mask_head.0.0.weight", "roi_heads.mask_head.mask_fcn1.weight")
         config.mask_head.conv_dim = first_conv.shape[0]
         config.mask_head.class_agnostic = state[MASK_KEY].shape[0] == 1
+        config.mask_head.norm = "bn" if "roi_heads.mask_head.0.1.running_mean" in state else "none"
     config.keypoint_head.enabled = KEYPOINT_KEY in state
     if config.keypoint_head.enabled:
         config.keypoint_head.num_keypoints = state[KEYPOINT_KEY].shape[1]  # ConvTranspose: [in, out, k, k]
@@ -126,6 +139,28 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
         config.keypoint_head.conv_dim = state["roi_heads.keypoint_head.0.weight"].shape[0]
         config.transform.min_size = list(KEYPOINT_RCNN_TRAIN_SIZES)
     return config
+
+
+def _box_head_fc_keys(state: dict[str, Tensor]) -> list[str]:
+    """The weights of a v2 box head's Linear layers (`roi_heads.box_head.{i}.weight`, 2-D), in order."""
+    keys = [k for k in state if re.fullmatch(r"roi_heads\.box_head\.\d+\.weight", k) and state[k].dim() == 2]
+    return sorted(keys, key=lambda k: int(k.split(".")[2]))
+
+
+def _infer_box_head(state: dict[str, Tensor], config: ModelConfig) -> None:
+    """v1: TwoMLPHead (fc6, fc7). v2: FastRCNNConvFCHead, conv blocks (with BatchNorm) then Linear layers."""
+    box = config.box_head
+    if V1_BOX_HEAD_KEY in state:
+        box.num_fcs, box.fc_dim = 2, state[V1_BOX_HEAD_KEY].shape[0]
+        return
+    fc_keys = _box_head_fc_keys(state)
+    if len(fc_keys) > 2:
+        raise ValueError(f"roi_heads.box_head has {len(fc_keys)} Linear layers; 1 or 2 are supported")
+    convs = [k for k in state if re.fullmatch(r"roi_heads\.box_head\.\d+\.0\.weight", k)]
+    box.num_convs, box.num_fcs, box.fc_dim = len(convs), len(fc_keys), state[fc_keys[0]].shape[0]
+    if convs:
+        box.conv_dim = state["roi_heads.box_head.0.0.weight"].shape[0]
+        box.norm = "bn" if "roi_heads.box_head.0.1.running_mean" in state else "none"
 
 
 def copy_torchvision_settings(model: nn.Module, config: ModelConfig) -> None:
@@ -187,8 +222,16 @@ def _resnet_depth(state: dict[str, Tensor]) -> int:
 
 def convert_torchvision_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename torchvision's keys to ours (see TORCHVISION_TO_OURS)."""
+    fc_names = {}
+    for index, key in enumerate(_box_head_fc_keys(state) if V1_BOX_HEAD_KEY not in state else []):
+        prefix = key.removesuffix("weight")
+        fc_names.update({prefix + "weight": f"roi_heads.box_head.fc{6 + index}.weight",
+                         prefix + "bias": f"roi_heads.box_head.fc{6 + index}.bias"})  # fmt: skip
     converted = {}
     for key, value in state.items():
+        if key in fc_names:
+            converted[fc_names[key]] = value
+            continue
         for pattern, replacement in TORCHVISION_TO_OURS:
             key = re.sub(pattern, replacement, key)
         converted[key] = value

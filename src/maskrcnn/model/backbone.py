@@ -3,8 +3,8 @@
 Feature names follow torchvision: "0", "1", "2", "3" for P2-P5 (strides 4, 8, 16, 32) and "pool"
 for P6 (stride 64, a stride-2 subsampling of P5 that only the RPN uses).
 Parameter names: `body.*` equals torchvision's `backbone.body.*`; the FPN's `lateral_convs.i` /
-`output_convs.i` are torchvision's `backbone.fpn.inner_blocks.i.0` / `layer_blocks.i.0`
-(checkpoint/torchvision.py holds the mapping).
+`output_convs.i` are torchvision's `backbone.fpn.inner_blocks.i.0` / `layer_blocks.i.0`, and
+`lateral_norms.i` / `output_norms.i` their `.1` (checkpoint/torchvision.py holds the mapping).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.model.box_head import make_norm
 
 RESNETS: dict[int, Callable[..., resnet.ResNet]] = {
     18: resnet.resnet18,
@@ -80,27 +82,40 @@ class ResNetBody(nn.Module):
 
 class FPN(nn.Module):
     """Feature Pyramid Network (Lin et al. 2017): 1x1 lateral convs, top-down nearest upsampling,
-    3x3 output convs; P6 = P5 subsampled by 2."""
+    3x3 output convs; P6 = P5 subsampled by 2. With `norm` ("bn" / "gn", torchvision's v2
+    builders) each conv is followed by that norm (`lateral_norms.i`, `output_norms.i`) and has no
+    bias (the norm would cancel it)."""
 
-    def __init__(self, *, in_channels: list[int], out_channels: int) -> None:
+    def __init__(self, *, in_channels: list[int], out_channels: int, norm: str = "none") -> None:
         super().__init__()
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels)
+        bias = norm == "none"
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1, bias=bias) for c in in_channels)
         self.output_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1) for _ in in_channels
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=bias) for _ in in_channels
         )
         for conv in [*self.lateral_convs, *self.output_convs]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        # Identity (no parameters, so v1 state dicts keep their keys) when there is no norm
+        self.lateral_norms = nn.ModuleList(make_norm(norm, out_channels) or nn.Identity() for _ in in_channels)
+        self.output_norms = nn.ModuleList(make_norm(norm, out_channels) or nn.Identity() for _ in in_channels)
+
+    def _lateral(self, level: int, feature: Tensor) -> Tensor:
+        return self.lateral_norms[level](self.lateral_convs[level](feature))
+
+    def _output(self, level: int, feature: Tensor) -> Tensor:
+        return self.output_norms[level](self.output_convs[level](feature))
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """`features`: C2..C5, finest first. Returns P2..P6, each `[B, out_channels, H_l, W_l]`."""
-        top_down = self.lateral_convs[-1](features[-1])
-        outputs = [self.output_convs[-1](top_down)]
+        top_down = self._lateral(len(features) - 1, features[-1])
+        outputs = [self._output(len(features) - 1, top_down)]
         for level in range(len(features) - 2, -1, -1):
-            lateral = self.lateral_convs[level](features[level])
+            lateral = self._lateral(level, features[level])
             # size= rather than scale_factor=2: odd sizes upsample to the lateral's exact shape
             top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
-            outputs.insert(0, self.output_convs[level](top_down))
+            outputs.insert(0, self._output(level, top_down))
         # P6: kernel 1, stride 2 (a subsampling, not a real pooling), as in torchvision and detectron2
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
@@ -119,6 +134,7 @@ class ResNetFPN(nn.Module):
         norm: str = "frozen_bn",
         trainable_stages: int = 3,
         fpn_channels: int = 256,
+        fpn_norm: str = "none",
         weights: str | None = None,
     ) -> None:
         super().__init__()
@@ -126,7 +142,7 @@ class ResNetFPN(nn.Module):
         if weights is not None:
             load_imagenet_weights(self.body, weights)
         self.body.freeze(trainable_stages)
-        self.fpn = FPN(in_channels=self.body.out_channels, out_channels=fpn_channels)
+        self.fpn = FPN(in_channels=self.body.out_channels, out_channels=fpn_channels, norm=fpn_norm)
         self.out_channels = fpn_channels
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:

@@ -54,7 +54,8 @@ def conv3x3_norm_relu(in_channels: int, out_channels: int, norm: str) -> Conv2dN
 
 
 class BoxHead(nn.Module):
-    """Optional conv3x3 layers, then two fully connected layers ("2fc", Mask R-CNN's FPN head).
+    """Optional conv3x3 layers, then two fully connected layers ("2fc", Mask R-CNN's FPN head), or
+    one (`num_fcs=1`: torchvision's v2 head, 4 convs + 1 fc).
 
     features: `[R, in_channels, S, S]` pooled RoI features -> `[R, fc_dim]`.
     """
@@ -68,18 +69,21 @@ class BoxHead(nn.Module):
         num_convs: int = 0,
         conv_dim: int = 256,
         norm: str = "none",
+        num_fcs: int = 2,
     ) -> None:
         super().__init__()
+        if num_fcs not in (1, 2):
+            raise ValueError(f"the box head has 1 or 2 fully connected layers, got num_fcs={num_fcs}")
         self.convs = nn.Sequential(
             *[conv3x3_norm_relu(in_channels if i == 0 else conv_dim, conv_dim, norm) for i in range(num_convs)]
         )
         flat_channels = (conv_dim if num_convs > 0 else in_channels) * resolution * resolution
         self.fc6 = nn.Linear(flat_channels, fc_dim)
-        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim) if num_fcs == 2 else None
 
     def forward(self, features: Tensor) -> Tensor:
-        x = self.convs(features).flatten(start_dim=1)
-        return F.relu(self.fc7(F.relu(self.fc6(x))))
+        x = F.relu(self.fc6(self.convs(features).flatten(start_dim=1)))
+        return F.relu(self.fc7(x)) if self.fc7 is not None else x
 
 
 class BoxPredictor(nn.Module):

@@ -226,12 +226,14 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         norm=config.backbone.norm,
         trainable_stages=config.backbone.trainable_stages,
         fpn_channels=config.backbone.fpn_channels,
+        fpn_norm=config.backbone.fpn_norm,
         weights=config.backbone.weights,
     )
     rpn_config = config.rpn
     rpn = RegionProposalNetwork(
         in_channels=backbone.out_channels,
         anchor_sizes=rpn_config.anchor_sizes,
+        num_convs=rpn_config.num_convs,
         aspect_ratios=rpn_config.aspect_ratios,
         pre_nms_top_n_train=rpn_config.pre_nms_top_n_train,
         pre_nms_top_n_test=rpn_config.pre_nms_top_n_test,

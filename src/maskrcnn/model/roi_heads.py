@@ -398,6 +398,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
             num_convs=box.num_convs,
             conv_dim=box.conv_dim,
             norm=box.norm,
+            num_fcs=box.num_fcs,
         ),
         box_predictor=BoxPredictor(in_channels=box.fc_dim, num_classes=config.num_classes),
         fg_iou_thresh=box.fg_iou_thresh,

@@ -65,14 +65,20 @@ class AnchorGenerator(nn.Module):
 
 
 class RPNHead(nn.Module):
-    """Shared 3x3 conv + ReLU, then per anchor an objectness logit and 4 box deltas."""
+    """Shared 3x3 conv + ReLU layers (`conv`, then `extra_convs`: one in all, two in torchvision's
+    v2 builders), then per anchor an objectness logit and 4 box deltas."""
 
-    def __init__(self, *, in_channels: int, num_anchors: int) -> None:
+    def __init__(self, *, in_channels: int, num_anchors: int, num_convs: int = 1) -> None:
         super().__init__()
+        if num_convs < 1:
+            raise ValueError(f"the RPN head needs at least one conv, got num_convs={num_convs}")
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.extra_convs = nn.ModuleList(
+            nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1) for _ in range(num_convs - 1)
+        )
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.box_deltas = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
-        for conv in (self.conv, self.objectness_logits, self.box_deltas):
+        for conv in (self.conv, *self.extra_convs, self.objectness_logits, self.box_deltas):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
 
@@ -81,6 +87,8 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for feature in features:
             hidden = F.relu(self.conv(feature))
+            for conv in self.extra_convs:
+                hidden = F.relu(conv(hidden))
             logits.append(self.objectness_logits(hidden))
             deltas.append(self.box_deltas(hidden))
         return logits, deltas
@@ -122,10 +130,11 @@ class RegionProposalNetwork(nn.Module):
         batch_size_per_image: int,
         positive_fraction: float,
         crowd_ioa_thresh: float = 0.7,
+        num_convs: int = 1,
     ) -> None:
         super().__init__()
         self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios)
-        self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios))
+        self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios), num_convs=num_convs)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         # Low-quality matches: every gt keeps its best anchors even below fg_iou_thresh.
         self.matcher = Matcher(
