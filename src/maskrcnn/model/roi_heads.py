@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_area, box_iou, roi_align
+from torchvision.ops import box_area, box_iou
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.box_head import BoxHead, BoxPredictor, box_inference, fast_rcnn_loss
@@ -30,6 +30,7 @@ from maskrcnn.model.box_ops import (
 )
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets
+from maskrcnn.model.roi_align import roi_align
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5 (P6 only feeds the RPN)
 
