@@ -117,8 +117,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = CocoDataset(annotations, images)
     out = Path(args.out) if args.out else Path(args.weights).parent / "evaluation"
     started = time.perf_counter()
-    metrics = evaluate(model, dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
-                       results_path=out / "results.json")  # fmt: skip
+    try:
+        metrics = evaluate(model, dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
+                           results_path=out / "results.json")  # fmt: skip
+    except ValueError as error:  # e.g. the model's label table and the file's categories disagree
+        raise CommandError(f"{annotations}: {error}") from None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(format_table(metrics))
     print(f"{len(dataset)} images of {annotations} in {time.perf_counter() - started:.1f} s; "
@@ -148,8 +151,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         model = convert_torchvision(args.source, args.destination)
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from None
+    labels = f"{len(model.label_space)} COCO categories" if model.label_space else "no label table: labels are numbers"
     print(f"converted {args.source} -> {args.destination} ({model.config.num_classes} classes, "
-          f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled})")  # fmt: skip
+          f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled}; {labels})")  # fmt: skip
     return 0
 
 
@@ -265,7 +269,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     predict.add_argument("--batch-size", type=int, default=4)
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    predict.add_argument("--annotations", help="COCO JSON whose categories name the labels (default: the checkpoint's)")
+    predict.add_argument("--annotations", help="COCO JSON whose categories give the keypoint skeleton, and name the labels of a checkpoint "
+                         "without its own label table (default: the checkpoint's)")
 
     convert = add("convert", cmd_convert, "convert a torchvision detection .pth into a maskrcnn checkpoint")
     convert.add_argument("source", help="torchvision state dict / model file (fasterrcnn/maskrcnn/keypointrcnn R50-FPN)")

@@ -74,6 +74,9 @@ class BoxHeadConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # labels never predicted: slots of the classifier that stand for no category (the ten N/A
+    # slots of torchvision's 91-slot COCO heads; checkpoint/label_space.py)
+    suppressed_labels: list[int] = field(default_factory=list)
     crowd_ioa_thresh: float = 0.7  # background proposals this much inside a crowd box are ignored
 
 

@@ -1,6 +1,7 @@
 """Our checkpoint format: one file, `torch.save` of a dict (docs/design.md, "Checkpoints").
 
     {"format": "maskrcnn/1", "model_config": dataclasses.asdict(ModelConfig), "model": state_dict,
+     "labels": [{"label": 1, "id": 1, "name": "person"}, ...],  # optional: label_space.py
      ...optional keys: the trainer's state (engine/training_state.py), "categories", "converted_from"}
 
 Everything in it is a tensor or a plain Python container (configs are saved as dicts, never as
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, from_dict
 from ..model.mask_rcnn import MaskRCNN, build_model
+from .label_space import check_labels, checkpoint_labels
 
 FORMAT = "maskrcnn/1"
 
@@ -72,7 +74,8 @@ def _fsync_directory(directory: Path) -> None:
 def save_checkpoint(path: str | Path, model: nn.Module, *, model_config: ModelConfig, **extra: Any) -> Path:
     """Write `{"format", "model_config", "model", **extra}` atomically (see `atomic_save`).
 
-    `extra` must be tensors and plain containers, so that the file loads with weights_only=True."""
+    `extra` must be tensors and plain containers, so that the file loads with weights_only=True.
+    The model's label table (`model.label_space`) is saved as "labels" unless `extra` has one."""
     model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     checkpoint = {
         "format": FORMAT,
@@ -80,6 +83,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_config: ModelCo
         "model": model.state_dict(),
         **extra,
     }
+    if checkpoint.get("labels") is None and getattr(model, "label_space", None):
+        checkpoint["labels"] = [dict(entry) for entry in model.label_space]
     return atomic_save(checkpoint, path)
 
 
@@ -133,7 +138,8 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 
 def load_checkpoint(source: str | Path | dict) -> MaskRCNN:
-    """Rebuild the model from one of our checkpoints (a path or the loaded dict); eval mode."""
+    """Rebuild the model from one of our checkpoints (a path or the loaded dict); eval mode.
+    `model.label_space` is the checkpoint's label table (label_space.checkpoint_labels)."""
     if isinstance(source, (str, Path)):
         checkpoint = read_checkpoint(source)
     else:
@@ -142,6 +148,9 @@ def load_checkpoint(source: str | Path | dict) -> MaskRCNN:
     config.backbone.weights = None  # ImageNet initialisation is superseded by the saved weights
     model = build_model(config)
     load_state_dict_checked(model, checkpoint["model"], what="checkpoint weights")
+    model.label_space = checkpoint_labels(checkpoint)
+    if model.label_space is not None:
+        check_labels(model.label_space, num_classes=config.num_classes, where="checkpoint labels")
     return model.eval()
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..model.mask_rcnn import MaskRCNN, build_model
 from .format import load_state_dict_checked, read_weights_file, save_checkpoint
+from .label_space import torchvision_coco_labels, torchvision_coco_slots, unused_labels
 
 # torchvision name (regex) -> our name. Everything not listed keeps its name (the ResNet body and
 # the box head keep torchvision's names). Old (v1) torchvision layouts without the `.0` of
@@ -60,7 +61,9 @@ def from_torchvision(source: nn.Module | dict | str | Path) -> MaskRCNN:
 
     Infers the architecture (Faster / Mask / Keypoint R-CNN), the ResNet depth, the norm (frozen
     BatchNorm for pretrained weights, BatchNorm for a model built without them), the number of
-    classes (ours excludes background) and keypoints from the weights.
+    classes (ours excludes background) and keypoints from the weights. A 91-slot COCO head gets
+    torchvision's COCO label table (`model.label_space`, label = COCO category id) and never
+    predicts its ten N/A slots; a 1-class keypoint head is COCO's person.
     """
     state = torchvision_state_dict(source)
     config = config_for_torchvision(state)
@@ -68,6 +71,7 @@ def from_torchvision(source: nn.Module | dict | str | Path) -> MaskRCNN:
         copy_torchvision_settings(source, config)
     model = build_model(config)
     load_state_dict_checked(model, convert_torchvision_state_dict(state), what="torchvision weights")
+    model.label_space = torchvision_labels(config)
     return model.eval()
 
 
@@ -107,6 +111,8 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
     """torchvision's builder settings for the model these weights come from."""
     config = ModelConfig()
     config.num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1  # minus background
+    if config.num_classes == len(torchvision_coco_slots()) - 1:
+        config.box_head.suppressed_labels = unused_labels(torchvision_coco_labels(), num_classes=config.num_classes)
     config.backbone.depth = _resnet_depth(state)
     # Built without pretrained weights, torchvision uses trainable BatchNorm in all stages;
     # with them, FrozenBatchNorm2d (which has no num_batches_tracked) and 3 trainable stages.
@@ -139,6 +145,15 @@ def config_for_torchvision(state: dict[str, Tensor]) -> ModelConfig:
         config.keypoint_head.conv_dim = state["roi_heads.keypoint_head.0.weight"].shape[0]
         config.transform.min_size = list(KEYPOINT_RCNN_TRAIN_SIZES)
     return config
+
+
+def torchvision_labels(config: ModelConfig) -> list[dict] | None:
+    """The label table of torchvision's COCO weights (see from_torchvision); None for other heads."""
+    if config.num_classes == len(torchvision_coco_slots()) - 1:
+        return torchvision_coco_labels()
+    if config.keypoint_head.enabled and config.num_classes == 1:
+        return [{"label": 1, "id": 1, "name": "person"}]
+    return None
 
 
 def _box_head_fc_keys(state: dict[str, Tensor]) -> list[str]:

@@ -2,7 +2,9 @@
 
 Results follow COCO's conventions (docs/design.md): boxes `[x, y, w, h]` in absolute pixels,
 masks as RLE (binarised at 0.5), keypoints as integer-pixel-index coordinates (our continuous
-coordinates minus 0.5), and the dataset's original category ids.
+coordinates minus 0.5), and the dataset's original category ids: a label becomes the category id
+of the model's own label table (`model.label_space`, checkpoint/label_space.py) when it has one,
+else of the data set's numbering (categories by ascending id).
 
 Numbers are pycocotools' own (`COCOeval.evaluate/accumulate/summarize`); the per-class and
 per-group figures are read from the same `eval["precision"]` / `eval["recall"]` arrays with
@@ -85,9 +87,15 @@ def predictions_to_coco(
     return results
 
 
-def category_id_table(dataset: object, coco_gt: COCO) -> torch.Tensor:
-    """`int64 [K + 1]` label -> category id, from `dataset.label_to_category_id` (mapping or
-    sequence) or, failing that, COCO's sorted category ids mapped to 1..K."""
+def category_id_table(dataset: object, coco_gt: COCO, label_space: Sequence[Mapping] | None = None) -> torch.Tensor:
+    """`int64 [K + 1]` label -> category id: from the model's `label_space` (checked against the
+    file's categories), else `dataset.label_to_category_id` (mapping or sequence), else COCO's
+    sorted category ids mapped to 1..K."""
+    if label_space:
+        from maskrcnn.checkpoint.label_space import category_id_table as from_labels, check_against_categories
+
+        check_against_categories(label_space, coco_gt.dataset.get("categories", []), where="the model's label table")
+        return from_labels(label_space)
     mapping = getattr(dataset, "label_to_category_id", None)
     if mapping is None:
         return torch.tensor([0] + sorted(coco_gt.getCatIds()), dtype=torch.int64)
@@ -279,7 +287,8 @@ def evaluate(
     """Run `model` over `dataset` and score it with COCOeval.
 
     dataset: items `(image [3, H, W] 0-1, target)` with `target["image_id"]`; it provides
-        `dataset.coco` (pycocotools COCO of its annotations) and `label_to_category_id`.
+        `dataset.coco` (pycocotools COCO of its annotations) and `label_to_category_id`, which
+        map labels to category ids unless the model has its own table (`model.label_space`).
     iou_types: None = every type the model predicts and the annotations support.
     class_groups: name -> labels (1..K, like `MaskHeadConfig.mask_classes`) to summarise apart.
     indices / gather (distributed): each rank predicts its own `indices`; `gather(list)` returns
@@ -287,7 +296,7 @@ def evaluate(
     results_path: where to write the COCO results JSON (main rank).
     """
     coco_gt: COCO = dataset.coco
-    category_ids = category_id_table(dataset, coco_gt)
+    category_ids = category_id_table(dataset, coco_gt, getattr(model, "label_space", None))
     results, image_ids, keys = run_inference(
         model, dataset, device=device, category_ids=category_ids, batch_size=batch_size,
         indices=indices, num_workers=num_workers,

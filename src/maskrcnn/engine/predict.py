@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import UnidentifiedImageError
 
+from maskrcnn.checkpoint.label_space import category_id_table, label_names, labels_from_categories
 from maskrcnn.data.coco import decode_image  # the same decoding as training and evaluation
 from maskrcnn.engine.evaluation import predictions_to_coco
 from maskrcnn.visualize import coco_skeleton, draw_predictions, save_png
@@ -72,8 +73,9 @@ def predict(
     """Predict on every image in `inputs` (files and folders) and write the outputs to `out_dir`.
 
     categories: the COCO categories the model was trained on (names, original ids, keypoint
-        skeleton); label k is the k-th category by ascending id. Without them labels are shown
-        as numbers and written as category ids.
+        skeleton). Labels are named and written as category ids by the model's own label table
+        (`model.label_space`) when it has one, else label k is the k-th category by ascending id;
+        with neither, labels are shown as numbers and written as category ids.
     Writes `out_dir/<stem>.png` per image and `out_dir/<results_name>`: COCO results (boxes
     xywh, RLE masks, keypoints in pixel indices) with detections scoring >= `score_threshold`;
     image ids count the processed images from 1 and each result also names its `file_name`.
@@ -83,9 +85,10 @@ def predict(
     images, problems = collect_images(inputs)
     report = PredictionReport(problems=problems)
     ordered = sorted(categories or [], key=lambda c: c["id"])
-    names = {label: c["name"] for label, c in enumerate(ordered, start=1)}
+    table = getattr(model, "label_space", None) or (labels_from_categories(ordered) if ordered else None)
+    names = label_names(table) if table else {}
     skeleton = coco_skeleton(ordered[0]) if ordered and ordered[0].get("skeleton") else None
-    known_ids = torch.tensor([0] + [int(c["id"]) for c in ordered], dtype=torch.int64)
+    known_ids = category_id_table(table) if table else None
 
     was_training = model.training
     model.eval()
@@ -109,9 +112,9 @@ def predict(
                 save_png(draw_predictions(image, output, category_names=names, skeleton=skeleton,
                                           score_threshold=score_threshold), picture)  # fmt: skip
                 image_id = len(report.pictures) + 1
-                # Without categories a label is written as its own category id.
+                # Without a table a label is written as its own category id.
                 identity = torch.arange(int(output["labels"].max()) + 1 if len(output["labels"]) else 1)
-                category_ids = known_ids if ordered else identity
+                category_ids = known_ids if known_ids is not None else identity
                 detections = predictions_to_coco(output, image_id=image_id, category_ids=category_ids)
                 for detection in detections:
                     detection["file_name"] = str(path)

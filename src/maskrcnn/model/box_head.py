@@ -134,25 +134,29 @@ def box_inference(
     score_thresh: float,
     nms_thresh: float,
     detections_per_img: int,
+    suppressed_labels: tuple[int, ...] = (),
 ) -> list[dict[str, Tensor]]:
     """Detections per image: `{"boxes": [N, 4], "scores": [N], "labels": [N] int64}`, best first.
 
     Softmax scores; one decoded box per (proposal, foreground class), clipped to the image; a
     (proposal, class) pair is kept when its score > `score_thresh` and its box is wider and taller
     than 0.01 px; NMS runs per class (`batched_nms`); the `detections_per_img` best survive.
+    `suppressed_labels` are never candidates (class slots that stand for no category).
     Only the loop over images is in Python.
     """
     num_classes = class_logits.shape[-1]  # K + 1
     boxes_all = box_coder.decode(box_deltas, torch.cat(proposals))  # [R, K + 1, 4]
     scores_all = F.softmax(class_logits, dim=-1)  # [R, K + 1]
     sizes = [len(p) for p in proposals]
+    # The background column and the suppressed ones are dropped; every other (proposal, class) pair is a candidate.
+    classes = torch.tensor([c for c in range(1, num_classes) if c not in suppressed_labels],
+                           dtype=torch.int64, device=scores_all.device)
 
     detections = []
     for boxes, scores, image_size in zip(boxes_all.split(sizes), scores_all.split(sizes), image_sizes):
         boxes = clip_boxes_to_image(boxes, image_size)
-        labels = torch.arange(num_classes, device=scores.device).expand_as(scores)
-        # Drop the background column and treat every (proposal, class) pair as one candidate.
-        boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+        labels = classes.expand(len(scores), -1).reshape(-1)
+        boxes, scores = boxes[:, classes].reshape(-1, 4), scores[:, classes].reshape(-1)
 
         keep = torch.where(scores > score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]

@@ -257,4 +257,6 @@ def build_model(config: ModelConfig) -> MaskRCNN:
                      num_classes=config.num_classes, num_keypoints=num_keypoints, mask_supervision=mask_supervision,
                      paste_aligned=config.mask_head.enabled and config.mask_head.aligned)
     model.config = copy.deepcopy(config)  # what built it: save_checkpoint stores it beside the weights
+    # label -> COCO category id and name, plain data; the loaders fill it (checkpoint/label_space.py)
+    model.label_space = None
     return model

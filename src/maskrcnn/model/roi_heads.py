@@ -128,6 +128,7 @@ class RoIHeads(nn.Module):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        suppressed_labels: tuple[int, ...] = (),
         mask_pooler: MultiLevelRoIAlign | None = None,
         mask_head: nn.Module | None = None,
         mask_train_on: str = "proposals",
@@ -150,6 +151,7 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
         self.crowd_ioa_thresh = crowd_ioa_thresh
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.suppressed_labels = tuple(suppressed_labels)
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask_train_on, gt_box_jitter, mask_classes
         self.point_supervision, self.points_per_instance = point_supervision, points_per_instance
@@ -233,6 +235,7 @@ class RoIHeads(nn.Module):
                 score_thresh=self.score_thresh,
                 nms_thresh=self.nms_thresh,
                 detections_per_img=self.detections_per_img,
+                suppressed_labels=self.suppressed_labels,
             )
         loss_classifier, loss_box_reg = fast_rcnn_loss(
             class_logits, box_deltas, torch.cat(samples.labels), torch.cat(samples.regression_targets)
@@ -411,5 +414,6 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
         score_thresh=box.score_thresh,
         nms_thresh=box.nms_thresh,
         detections_per_img=box.detections_per_img,
+        suppressed_labels=tuple(box.suppressed_labels),
         **heads,
     )
