@@ -12,6 +12,7 @@ _LAZY = {
     "from_torchvision": "maskrcnn.checkpoint",
     "load_checkpoint": "maskrcnn.checkpoint",
     "save_checkpoint": "maskrcnn.checkpoint",
+    "export_model": "maskrcnn.export",
     "Config": "maskrcnn.config",
     "load_config": "maskrcnn.config",
 }
