@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -50,6 +51,12 @@ REFERENCE = [
     "model.rpn.batch_size_per_image=256", "model.box_head.detections_per_img=100",
     "train.iterations=600", "train.batch_size=4", "train.lr=0.04", "train.schedule=cosine",
 ]  # fmt: skip
+
+# --r50: torchvision's maskrcnn_resnet50_fpn training recipe as our COCO config writes it (800 px,
+# frozen BN, 3 trainable stages, 2000 proposals, 512 RoIs), timed in fp32 on one shapes image
+# (192 px, upscaled to 800 x 800) with COCO's 80 classes; no weight file is needed for timing.
+R50_STEPS = ["model.backbone.weights=null", "train.batch_size=1", "train.amp=false", "data.name=shapes",
+             "data.root=data/shapes"]  # fmt: skip
 
 
 def torchvision_mask_rcnn(config: ModelConfig) -> MaskRCNN:
@@ -127,36 +134,96 @@ def run(name: str, config: Config, *, torchvision_model: bool) -> dict:
             "iterations": summary["iteration"], "parameters": parameters, "metrics": summary["metrics"]}  # fmt: skip
 
 
-def time_steps(config: Config, steps: int) -> None:
-    """Training-step cost of both models on one fixed batch of 4 shapes images: wall seconds and
-    process CPU seconds per step (CPU seconds stay comparable on a machine shared with others)."""
+def _one_batch(config: Config) -> tuple[list, list]:
+    """The first `train.batch_size` images of the shapes training set (config.data's shapes settings)."""
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.data.shapes import ensure_shapes
-    from maskrcnn.model.mask_rcnn import build_model
 
     data = config.data
     paths = ensure_shapes(data.root, num_train=data.shapes_train_images, num_val=data.shapes_val_images,
                           image_size=data.shapes_image_size, seed=data.shapes_seed)  # fmt: skip
     dataset = CocoDataset(paths["train_annotations"], paths["train_images"])
     images, targets = zip(*[dataset[i] for i in range(config.train.batch_size)])
-    print(f"{'model':12s} {'wall s/step':>12s} {'CPU s/step':>11s}")
-    timings = {}
-    for name in ("ours", "torchvision"):
+    return list(images), list(targets)
+
+
+def _step_runners(config: Config, *, levers: bool) -> dict:
+    """name -> a function running one training step as the trainer does it (forward under the
+    recipe's autocast, backward, the recipe's gradient clipping, optimizer and schedule)."""
+    import maskrcnn.model.roi_heads as roi_heads
+    from maskrcnn.engine import optim
+    from maskrcnn.engine.optim import clip_gradients
+    from maskrcnn.engine.precision import autocast_dtype
+    from maskrcnn.model.mask_rcnn import build_model
+
+    images, targets = _one_batch(config)
+    settings = config.train
+    dtype = autocast_dtype(torch.device("cpu"), amp=settings.amp)
+    variants = {"ours": {}, "torchvision": {}}
+    if levers:  # ours with one of its training-speed parts replaced by the plain one
+        variants["ours, tv RoIAlign"] = {"roi_align": torchvision.ops.roi_align}
+        variants["ours, for-loop opt"] = {"fused": False}
+        variants["ours, channels_last"] = {"channels_last": True}
+        variants["ours, bf16 autocast"] = {"bf16": True}
+
+    def runner(name: str, variant: dict):
         torch.manual_seed(0)
-        model = build_model(config.model) if name == "ours" else DenseMasks(torchvision_mask_rcnn(config.model))
+        model = DenseMasks(torchvision_mask_rcnn(config.model)) if name == "torchvision" else build_model(config.model)
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-        for step in range(steps + 1):  # the first step warms up allocators and kernels
-            if step == 1:
-                wall, cpu = time.perf_counter(), time.process_time()
-            loss = sum(model(list(images), list(targets)).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        wall, cpu = (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
-        print(f"{name:12s} {wall:12.2f} {cpu:11.2f}")
-        timings[name] = wall
-    print(f"{'ours / tv':12s} {timings['ours'] / timings['torchvision']:12.2f}")
+        if variant.get("channels_last"):
+            model.to(memory_format=torch.channels_last)
+        fused_supported = optim._fused_supported
+        if variant.get("fused") is False:  # the same optimizer and groups, one operator call per parameter
+            optim._fused_supported = lambda groups: False
+        try:
+            optimizer = optim.build_optimizer(model, settings)
+        finally:
+            optim._fused_supported = fused_supported
+
+        def step() -> None:
+            pooling = roi_heads.roi_align
+            roi_heads.roi_align = variant.get("roi_align", pooling)
+            try:
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None or variant.get("bf16", False)):
+                    loss = sum(model(images, targets).values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_gradients(model.parameters(), settings.clip_grad_norm)
+                optimizer.step()
+            finally:
+                roi_heads.roi_align = pooling
+
+        return step
+
+    return {name: runner("torchvision" if name == "torchvision" else "ours", variant)
+            for name, variant in variants.items()}  # fmt: skip
+
+
+def time_steps(config: Config, steps: int, *, rounds: int, levers: bool) -> None:
+    """Training-step cost of the models on one fixed batch: `rounds` rounds, each timing `steps`
+    steps of every model in turn (interleaved, so that a load change on a shared machine hits all
+    of them alike); prints each model's median seconds per step and its ratio to torchvision's."""
+    runners = _step_runners(config, levers=levers)
+    for step in runners.values():  # warm-up: allocators, kernels, the first autograd graph
+        step()
+    clocks = {"wall": time.perf_counter, "CPU": time.process_time}  # CPU: this process's, less hit by others' load
+    seconds = {clock: {name: [] for name in runners} for clock in clocks}
+    for _ in range(rounds):
+        for name, step in runners.items():
+            started = {clock: read() for clock, read in clocks.items()}
+            for _ in range(steps):
+                step()
+            for clock, read in clocks.items():
+                seconds[clock][name].append((read() - started[clock]) / steps)
+    for clock, per_model in seconds.items():
+        reference = statistics.median(per_model["torchvision"])
+        print(f"\n{'model':20s} {clock + ' s/step':>13s} {'tv / model':>10s}   per round ({clock} s/step)")
+        for name, values in per_model.items():
+            median = statistics.median(values)
+            print(f"{name:20s} {median:13.3f} {reference / median:10.2f}   " + " ".join(f"{v:.3f}" for v in values))
+        ratios = [theirs / ours for ours, theirs in zip(per_model["ours"], per_model["torchvision"])]
+        print(f"{clock}: ours faster than torchvision by {statistics.median(ratios):.2f}x (median of the rounds' "
+              f"ratios, range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def main() -> None:
@@ -165,18 +232,28 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="use the first torchvision reference recipe instead")
     parser.add_argument("--only", choices=["ours", "torchvision"], help="train one of the two")
     parser.add_argument("--out", default="runs/demo_vs_torchvision")
-    parser.add_argument("--steps", type=int, help="only time this many training steps of each model on one batch")
+    parser.add_argument("--steps", type=int, help="only time training steps on one batch: this many per model and round")
+    parser.add_argument("--rounds", type=int, default=5, help="with --steps: interleaved rounds (default 5)")
+    parser.add_argument("--levers", action="store_true",
+                        help="with --steps: also time ours with torchvision's RoIAlign, and with the for-loop optimizer")
+    parser.add_argument("--r50", action="store_true",
+                        help="torchvision's default Mask R-CNN R50-FPN recipe (configs/coco_mask_rcnn_R50_FPN_1x.yaml, "
+                             "800 px, 1 image, fp32, no pretrained weights) on a shapes image, instead of --config")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
     overrides = (REFERENCE if args.reference else []) + [f"train.output_dir={args.out}"] + args.overrides
-    config = load_config(args.config, overrides)
+    if args.r50:
+        if not args.steps:
+            parser.error("--r50 only times steps (--steps N): there is no COCO data here to train on")
+        overrides = R50_STEPS + overrides
+    config = load_config(str(ROOT / "configs" / "coco_mask_rcnn_R50_FPN_1x.yaml") if args.r50 else args.config, overrides)
     if config.train.cpu_threads is not None:  # as train() does, so that --steps times the same threads
         torch.set_num_threads(config.train.cpu_threads)
     print(f"{config.train.iterations} iterations of {config.train.batch_size} images, "
           f"{config.model.transform.min_size} px, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     if args.steps:
-        time_steps(config, args.steps)
+        time_steps(config, args.steps, rounds=args.rounds, levers=args.levers)
         return
     rows = []
     for name, is_torchvision in (("ours", False), ("torchvision", True)):

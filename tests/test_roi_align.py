@@ -64,6 +64,9 @@ def test_bfloat16_features_under_autocast_keep_their_dtype():
                                      aligned=True)  # fmt: skip
     assert pooled.dtype == torch.bfloat16
     torch.testing.assert_close(pooled.float(), expected, atol=1e-2, rtol=1e-2)
+    (grad,) = torch.autograd.grad(pooled.float().sum(), features)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), features)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-2, rtol=1e-2)
 
 
 def test_a_training_step_gives_the_losses_and_gradients_of_torchvision_roi_align(monkeypatch):

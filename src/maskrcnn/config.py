@@ -175,7 +175,7 @@ class TrainConfig:
     warmup_iterations: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float | None = None
-    amp: bool = False  # automatic mixed precision where the device supports it
+    amp: bool = False  # mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX (float32 elsewhere, with a warning)
     checkpoint_every: int = 5000
     eval_every: int = 0  # 0 = only at the end
     log_every: int = 20

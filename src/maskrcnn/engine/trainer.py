@@ -51,6 +51,7 @@ from maskrcnn.engine.training_state import (
     unwrap_model,
 )
 from maskrcnn.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
+from maskrcnn.engine.precision import autocast_dtype
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -356,17 +357,17 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
     if train_dataset is None:
         train_dataset, val_dataset = build_datasets(config, context)
     optimizer = build_optimizer(model, settings)
+    amp_dtype = autocast_dtype(device, amp=settings.amp)  # None: float32 (asked for, or no AMX on this CPU)
     # fp16 needs loss scaling (GradScaler); bf16 has float32's range and runs without it.
-    use_amp = settings.amp and device.type in ("cuda", "cpu")
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = _restore_or_seed(config, context=context, resume=resume, model=model, optimizer=optimizer, scaler=scaler)
     scheduler = build_scheduler(optimizer, settings, start_iteration=state.iteration)
     model = distributed.wrap_model(model, context, device)
     model.train()
     parts = TrainingParts(config, context, device, model, optimizer, scheduler, scaler,
                           *_loop_io(config, context=context, train_dataset=train_dataset, start=state.iteration),
-                          val_dataset, getattr(train_dataset, "categories", None), use_amp,
-                          torch.float16 if device.type == "cuda" else torch.bfloat16, output_dir / LAST, output_dir / BEST)
+                          val_dataset, getattr(train_dataset, "categories", None), amp_dtype is not None,
+                          amp_dtype or torch.float32, output_dir / LAST, output_dir / BEST)
     state.started = time.perf_counter()
     return parts, state
 
