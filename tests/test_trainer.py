@@ -298,13 +298,21 @@ def test_build_datasets_generates_shapes_and_passes_the_augmentation(tmp_path):
         trainer.build_datasets(Config(data=DataConfig(name="voc")), context)
 
 
-def test_init_weights_that_do_not_fit_are_a_clear_error(tmp_path):
+def test_init_weights_that_do_not_fit_are_a_clear_error(tmp_path, capsys):
     data = Rectangles(4)
     trainer.train(tiny_config(tmp_path / "a", iterations=1), model=tiny_model(), train_dataset=data)
-    other = tiny_model()
-    other.roi_heads.box_predictor = FastRCNNPredictor(32, NUM_CLASSES + 3)  # more classes than the checkpoint
+    more_classes = tiny_model()
+    more_classes.roi_heads.box_predictor = FastRCNNPredictor(32, NUM_CLASSES + 3)  # fine-tuning: the predictor restarts
     config = tiny_config(tmp_path / "b", iterations=1, init_weights=str(tmp_path / "a" / "last.pth"))
-    with pytest.raises(ValueError, match=r"train.init_weights: .*last.pth does not fit the configured model"):
+    trainer.train(config, model=more_classes, train_dataset=data)
+    printed = capsys.readouterr().out
+    assert "re-initialised roi_heads.box_predictor.cls_score.weight [3, 32] -> [5, 32] (class scores" in printed
+    other = tiny_model()
+    other.roi_heads.box_head = TwoMLPHead(16 * 49, 48)  # another width: not a fine-tuning difference
+    other.roi_heads.box_predictor = FastRCNNPredictor(48, NUM_CLASSES + 1)
+    config = tiny_config(tmp_path / "c", iterations=1, init_weights=str(tmp_path / "a" / "last.pth"))
+    with pytest.raises(ValueError, match=r"train.init_weights: .*last.pth does not fit the configured model.*"
+                                         r"roi_heads.box_head.fc6.weight \[32, 784\] vs \[48, 784\]"):
         trainer.train(config, model=other, train_dataset=data)
     config.train.init_weights = str(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="train.init_weights: .*missing.pth does not exist"):

@@ -96,11 +96,15 @@ def _val_files(args: argparse.Namespace, checkpoint: dict) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- subcommands
 def cmd_train(args: argparse.Namespace) -> int:
+    from maskrcnn.checkpoint.fine_tune import WeightsMismatchError
     from maskrcnn.config import load_config
     from maskrcnn.engine.trainer import train
 
     config = load_config(args.config, args.overrides)
-    summary = train(config, resume=args.resume)
+    try:
+        summary = train(config, resume=args.resume)
+    except (FileNotFoundError, WeightsMismatchError) as error:  # a missing file, weights that do not fit
+        raise CommandError(str(error)) from None
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items()) if k.endswith("/AP"))
     print(f"trained to iteration {summary.iteration} ({summary.seconds_per_iteration:.2f} s/iteration); "
           f"{metrics or 'no evaluation'}; checkpoint {summary.last_checkpoint}")  # fmt: skip

@@ -182,7 +182,9 @@ class TrainConfig:
     best_metric: str = "auto"  # flat metric name kept for best.pth, e.g. "segm/AP"; auto = segm, bbox, keypoints AP
     tensorboard: bool = True  # also write TensorBoard event files (metrics.jsonl is always written)
     cpu_threads: int | None = None  # torch.set_num_threads for this run; None = PyTorch's default (one per core)
-    init_weights: str | None = None  # a checkpoint or torchvision .pth to start from
+    # weights to start from: our checkpoint or torchvision's .pth; class-dependent predictor
+    # tensors of another class count are re-initialised, and the run prints which
+    init_weights: str | None = None
 
 
 @dataclass

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.engine import distributed
-from maskrcnn.checkpoint.format import atomic_save, is_checkpoint, read_weights_file
+from maskrcnn.checkpoint.format import atomic_save
 from maskrcnn.engine.training_state import (
     BEST,
     LAST,
@@ -124,19 +124,16 @@ def build_model_from_config(config: Config) -> nn.Module:
     return build_model(config.model)
 
 
-def _load_initial_weights(model: nn.Module, path: str) -> None:
-    """`train.init_weights`: one of our checkpoints, or a torchvision detection .pth."""
-    checkpoint = read_weights_file(path, what="train.init_weights:")
-    if is_checkpoint(checkpoint):
-        state = checkpoint["model"]
-    else:
-        from maskrcnn.checkpoint.torchvision import from_torchvision
+def _load_initial_weights(model: nn.Module, path: str, *, report: bool) -> None:
+    """`train.init_weights`: ours, torchvision's (or detectron2's) weights; class-dependent
+    predictor tensors of another shape keep their initialisation, and `report` prints which."""
+    from maskrcnn.checkpoint.fine_tune import load_initial_weights
 
-        state = from_torchvision(checkpoint).state_dict()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"train.init_weights: {path} does not fit the configured model: {error}") from None
+    kind, skipped = load_initial_weights(model, path)
+    if report:
+        print(f"train.init_weights: {path} ({kind}): loaded all tensors but {len(skipped)}", flush=True)
+        for entry in skipped:
+            print(f"train.init_weights: re-initialised {entry}", flush=True)
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: torch.device,
@@ -353,7 +350,7 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
     seed_everything(settings.seed)  # the same initial weights on every rank
     model = (model if model is not None else build_model_from_config(config)).to(device)
     if settings.init_weights and not (resume and (output_dir / LAST).exists()):
-        _load_initial_weights(unwrap_model(model), settings.init_weights)
+        _load_initial_weights(unwrap_model(model), settings.init_weights, report=context.is_main)
     if train_dataset is None:
         train_dataset, val_dataset = build_datasets(config, context)
     optimizer = build_optimizer(model, settings)
