@@ -26,6 +26,12 @@ class BackboneConfig:
     fpn_channels: int = 256
     fpn_norm: str = "none"  # "none" | "bn" | "gn" after each FPN conv (torchvision's *_fpn_v2: "bn")
     weights: str | None = None  # optional local path of ImageNet ResNet weights (torchvision layout)
+    # ResNet-50 and deeper; the defaults are torchvision's ResNets, the others describe detectron2's models
+    stem_channels: int = 64  # the stem conv's output channels
+    res2_channels: int = 256  # stage 2's output channels (doubled by each later stage)
+    groups: int = 1  # ResNeXt cardinality of the 3x3 convs
+    width_per_group: int = 64  # bottleneck width per group in stage 2 (ResNeXt-32x8d: 8)
+    stride_in_1x1: bool = False  # stride in the first 1x1 conv of a block (MSRA/Caffe2 ResNets), not in the 3x3
 
 
 @dataclass
@@ -36,6 +42,10 @@ class TransformConfig:
     size_divisible: int = 32
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # What the weights were trained on; the model's input is always RGB in 0-1.
+    channel_order: str = "RGB"  # "RGB" | "BGR" (image_mean / image_std are in this order)
+    pixel_scale: float = 1.0  # inputs are multiplied by this before the mean / std (255 for detectron2's)
+    size_rounding: str = "floor"  # resized sides: "floor" (torchvision) | "round" (detectron2)
 
 
 @dataclass
@@ -54,6 +64,13 @@ class RPNConfig:
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
     crowd_ioa_thresh: float = 0.7  # background anchors this much inside a crowd box are ignored
+    # "torchvision": cell anchors rounded to integers, level stride = padded size // grid size;
+    # "detectron2": exact cell anchors, nominal level strides (4 ... 64)
+    anchor_convention: str = "torchvision"
+    anchor_offset: float = 0.0  # first anchor centre, in strides from the image corner
+    min_proposal_size: float = 1e-3  # proposals with a side below this (pixels) are dropped
+    # "torchvision": NMS ranks by probability, sides >= min_proposal_size; "detectron2": by logit, sides >
+    proposal_selection: str = "torchvision"
 
 
 @dataclass
@@ -78,6 +95,8 @@ class BoxHeadConfig:
     # slots of torchvision's 91-slot COCO heads; checkpoint/label_space.py)
     suppressed_labels: list[int] = field(default_factory=list)
     crowd_ioa_thresh: float = 0.7  # background proposals this much inside a crowd box are ignored
+    # degenerate boxes: "torchvision" drops sides < 0.01 px before NMS; "detectron2" drops empty ones after it
+    postprocess: str = "torchvision"
 
 
 @dataclass
@@ -113,6 +132,7 @@ class KeypointHeadConfig:
     sampling_ratio: int = 2
     aligned: bool = False
     loss_weight: float = 1.0  # multiplies loss_keypoint (detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT)
+    decoding: str = "torchvision"  # keypoint scores: the heatmap logit (torchvision) | detectron2's softmax score
 
 
 @dataclass
@@ -121,6 +141,7 @@ class ModelConfig:
     # Box side (input pixels) that the RoI poolers take from P4; smaller boxes go to finer levels
     # (FPN paper, eq. 1). 224 is the paper's and torchvision's; scale it with the input size.
     roi_canonical_box_size: float = 224.0
+    roi_level_assignment: str = "torchvision"  # "torchvision" | "detectron2": its rounding guard at level boundaries
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)

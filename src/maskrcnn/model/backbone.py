@@ -20,14 +20,11 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.model.box_head import make_norm
 
-RESNETS: dict[int, Callable[..., resnet.ResNet]] = {
-    18: resnet.resnet18,
-    34: resnet.resnet34,
-    50: resnet.resnet50,
-    101: resnet.resnet101,
-}
+RESNETS: dict[int, Callable[..., resnet.ResNet]] = {18: resnet.resnet18, 34: resnet.resnet34}  # basic blocks
 # The stages that `trainable_stages` unfreezes, from the top: 1 = layer4 only, ..., 5 = everything.
 STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
+# Bottleneck blocks per stage (res2..res5) of the deeper ResNets.
+BOTTLENECK_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 GROUP_NORM_GROUPS = 32
 
 
@@ -45,20 +42,82 @@ def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
             raise ValueError(f"backbone norm {norm!r} is not one of 'frozen_bn', 'bn', 'gn'")
 
 
-class ResNetBody(nn.Module):
-    """torchvision's ResNet without its classifier: returns C2-C5 (strides 4, 8, 16, 32)."""
+class Bottleneck(nn.Module):
+    """ResNet / ResNeXt bottleneck: conv1x1 -> conv3x3 (`groups`) -> conv1x1, plus the shortcut.
 
-    def __init__(self, *, depth: int, norm: str) -> None:
+    `stride_in_1x1` puts the stage's stride in the first 1x1 conv (MSRA's original ResNets, which
+    detectron2's model zoo uses) instead of the 3x3 conv (torchvision, "ResNet v1.5"). Parameter
+    names are torchvision's (`conv1`, `bn1`, ..., `downsample.0` / `.1`).
+    """
+
+    def __init__(self, *, in_channels: int, width: int, out_channels: int, stride: int, groups: int,
+                 stride_in_1x1: bool, norm_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        if depth not in RESNETS:
-            raise ValueError(f"backbone depth {depth} is not one of {sorted(RESNETS)}")
-        network = RESNETS[depth](weights=None, norm_layer=norm_layer_for(norm))
-        self.conv1, self.bn1, self.relu, self.maxpool = network.conv1, network.bn1, network.relu, network.maxpool
-        self.layer1, self.layer2 = network.layer1, network.layer2
-        self.layer3, self.layer4 = network.layer3, network.layer4
-        # C2..C5 channels: 64..512 for the basic blocks of ResNet-18/34, 256..2048 for bottlenecks
-        expansion = 4 if depth >= 50 else 1
-        self.out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, stride=stride_1x1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride_3x3, padding=1, groups=groups, bias=False)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
+        self.bn3 = norm_layer(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False), norm_layer(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class ResNetBody(nn.Module):
+    """A ResNet without its classifier: returns C2-C5 (strides 4, 8, 16, 32).
+
+    ResNet-18/34 are torchvision's (basic blocks). ResNet-50/101/152 are built from `Bottleneck`
+    with torchvision's parameter names; the defaults give torchvision's `resnet50` / `resnet101`
+    exactly, and the other arguments describe detectron2's variants: ResNeXt (`groups`,
+    `width_per_group`), the stride in the first 1x1 conv, and other widths (`stem_channels`, the
+    stem's output; `res2_channels`, stage 2's output, doubled by each later stage).
+    """
+
+    def __init__(self, *, depth: int, norm: str, stem_channels: int = 64, res2_channels: int = 256,
+                 groups: int = 1, width_per_group: int = 64, stride_in_1x1: bool = False) -> None:
+        super().__init__()
+        if depth not in RESNETS and depth not in BOTTLENECK_BLOCKS:
+            raise ValueError(f"backbone depth {depth} is not one of {sorted({*RESNETS, *BOTTLENECK_BLOCKS})}")
+        norm_layer = norm_layer_for(norm)
+        if depth in (18, 34):
+            if (stem_channels, res2_channels, groups, width_per_group, stride_in_1x1) != (64, 256, 1, 64, False):
+                raise ValueError(f"ResNet-{depth} (basic blocks) has fixed widths: stem_channels, res2_channels, "
+                                 "groups, width_per_group and stride_in_1x1 apply to ResNet-50 and deeper")
+            network = RESNETS[depth](weights=None, norm_layer=norm_layer)
+            self.conv1, self.bn1, self.relu, self.maxpool = network.conv1, network.bn1, network.relu, network.maxpool
+            self.layer1, self.layer2 = network.layer1, network.layer2
+            self.layer3, self.layer4 = network.layer3, network.layer4
+            self.out_channels = [64, 128, 256, 512]
+            return
+        self.conv1 = nn.Conv2d(3, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_channels, self.out_channels = stem_channels, []
+        for stage, num_blocks in enumerate(BOTTLENECK_BLOCKS[depth]):  # stage 0 = res2 = layer1
+            width, out_channels = groups * width_per_group * 2**stage, res2_channels * 2**stage
+            blocks = [
+                Bottleneck(in_channels=in_channels if i == 0 else out_channels, width=width, out_channels=out_channels,
+                           stride=2 if i == 0 and stage > 0 else 1, groups=groups, stride_in_1x1=stride_in_1x1,
+                           norm_layer=norm_layer)
+                for i in range(num_blocks)
+            ]
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+            in_channels = out_channels
+            self.out_channels.append(out_channels)
+        _init_like_torchvision(self)
 
     def freeze(self, trainable_stages: int) -> None:
         """Keep the top `trainable_stages` stages trainable (0..5, torchvision's trainable_layers)."""
@@ -136,9 +195,15 @@ class ResNetFPN(nn.Module):
         fpn_channels: int = 256,
         fpn_norm: str = "none",
         weights: str | None = None,
+        stem_channels: int = 64,
+        res2_channels: int = 256,
+        groups: int = 1,
+        width_per_group: int = 64,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
-        self.body = ResNetBody(depth=depth, norm=norm)
+        self.body = ResNetBody(depth=depth, norm=norm, stem_channels=stem_channels, res2_channels=res2_channels,
+                               groups=groups, width_per_group=width_per_group, stride_in_1x1=stride_in_1x1)
         if weights is not None:
             load_imagenet_weights(self.body, weights)
         self.body.freeze(trainable_stages)
@@ -148,6 +213,16 @@ class ResNetFPN(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         pyramid = self.fpn(self.body(images))
         return OrderedDict(zip(self.feature_names, pyramid))
+
+
+def _init_like_torchvision(module: nn.Module) -> None:
+    """torchvision's ResNet initialisation: He (fan_out) for the convs, norms at identity."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
 
 def load_imagenet_weights(body: ResNetBody, path: str) -> None:

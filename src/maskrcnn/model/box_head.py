@@ -26,6 +26,7 @@ from torchvision.ops import Conv2dNormActivation, batched_nms, clip_boxes_to_ima
 from maskrcnn.model.box_ops import BoxCoder
 
 NORMS = ("none", "bn", "gn")
+BOX_POSTPROCESSES = ("torchvision", "detectron2")
 
 
 def make_norm(norm: str, channels: int) -> nn.Module | None:
@@ -135,15 +136,20 @@ def box_inference(
     nms_thresh: float,
     detections_per_img: int,
     suppressed_labels: tuple[int, ...] = (),
+    postprocess: str = "torchvision",
 ) -> list[dict[str, Tensor]]:
     """Detections per image: `{"boxes": [N, 4], "scores": [N], "labels": [N] int64}`, best first.
 
     Softmax scores; one decoded box per (proposal, foreground class), clipped to the image; a
-    (proposal, class) pair is kept when its score > `score_thresh` and its box is wider and taller
-    than 0.01 px; NMS runs per class (`batched_nms`); the `detections_per_img` best survive.
-    `suppressed_labels` are never candidates (class slots that stand for no category).
-    Only the loop over images is in Python.
+    (proposal, class) pair is kept when its score > `score_thresh`; NMS runs per class
+    (`batched_nms`); the `detections_per_img` best survive. `suppressed_labels` are never
+    candidates (class slots that stand for no category). Degenerate boxes: `postprocess`
+    "torchvision" drops boxes narrower or shorter than 0.01 px before NMS; "detectron2" keeps them
+    through NMS and the top-k and drops the empty ones (a side of 0 after clipping) at the end,
+    as its `detector_postprocess` does. Only the loop over images is in Python.
     """
+    if postprocess not in BOX_POSTPROCESSES:
+        raise ValueError(f"box_head.postprocess must be one of {BOX_POSTPROCESSES}, got {postprocess!r}")
     num_classes = class_logits.shape[-1]  # K + 1
     boxes_all = box_coder.decode(box_deltas, torch.cat(proposals))  # [R, K + 1, 4]
     scores_all = F.softmax(class_logits, dim=-1)  # [R, K + 1]
@@ -160,8 +166,11 @@ def box_inference(
 
         keep = torch.where(scores > score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if postprocess == "torchvision":
+            keep = remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        if postprocess == "detectron2":
+            keep = keep[((boxes[keep, 2:] - boxes[keep, :2]) > 0).all(dim=1)]
         detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     return detections

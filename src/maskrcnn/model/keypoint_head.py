@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+KEYPOINT_DECODINGS = ("torchvision", "detectron2")
 _SIZE_GROUPS = 4  # heatmaps_to_keypoints decodes RoIs in this many groups of similar size
 
 
@@ -128,19 +129,23 @@ def _resized_argmax(heatmaps: Tensor, out_h: Tensor, out_w: Tensor) -> tuple[Ten
     return best_y, best_index - best_y * window_w, best_score
 
 
-def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor, *, decoding: str = "torchvision") -> tuple[Tensor, Tensor]:
     """Keypoint positions and scores from heatmap logits, for all RoIs at once.
 
     heatmaps `[R, K, S, S]`, rois `[R, 4]` x1y1x2y2 (continuous coordinates). Each heatmap is
     resized bicubically to its RoI's size in whole pixels (ceil of width and height); the argmax
     cell's centre (+0.5: a cell covers [i, i + 1)) is mapped back into the RoI. Returns keypoints
-    `[R, K, 3]` (x, y, 1) and scores `[R, K]` (the resized logit at the argmax). Equal to
-    torchvision's `heatmaps_to_keypoints`, which resizes one RoI at a time.
+    `[R, K, 3]` (x, y, 1) and scores `[R, K]`: with `decoding="torchvision"` the resized logit at the
+    argmax (torchvision's `heatmaps_to_keypoints`, which resizes one RoI at a time); with
+    "detectron2" its softmax over the heatmap's own S x S cells, `1 / sum(exp(heatmap - max))`
+    with the resized maximum (detectron2's score, comparable across RoI sizes).
 
     The resize is separable, so it is two batched matrix products per keypoint channel
     (`rows @ heatmap @ columns^T`) over a window as large as the largest RoI of a group of
     similar-size RoIs; cells beyond a RoI's own size are masked out.
     """
+    if decoding not in KEYPOINT_DECODINGS:
+        raise ValueError(f"keypoint_head.decoding must be one of {KEYPOINT_DECODINGS}, got {decoding!r}")
     num_rois, num_keypoints, size = heatmaps.shape[0], heatmaps.shape[1], heatmaps.shape[-1]
     device = heatmaps.device
     keypoints = torch.zeros((num_rois, num_keypoints, 3), dtype=torch.float32, device=device)
@@ -160,4 +165,6 @@ def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tenso
     keypoints[..., 0] = (best_x.float() + 0.5) * (widths / out_w)[:, None] + rois[:, 0, None]
     keypoints[..., 1] = (best_y.float() + 0.5) * (heights / out_h)[:, None] + rois[:, 1, None]
     keypoints[..., 2] = 1
+    if decoding == "detectron2":  # the resized maximum's softmax weight over the S x S heatmap cells
+        scores = 1 / (heatmaps.to(torch.float32) - scores[..., None, None]).exp().sum(dim=(2, 3))
     return keypoints, scores

@@ -220,6 +220,9 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         image_mean=config.transform.image_mean,
         image_std=config.transform.image_std,
         size_divisible=config.transform.size_divisible,
+        channel_order=config.transform.channel_order,
+        pixel_scale=config.transform.pixel_scale,
+        size_rounding=config.transform.size_rounding,
     )
     backbone = ResNetFPN(
         depth=config.backbone.depth,
@@ -228,6 +231,11 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         fpn_channels=config.backbone.fpn_channels,
         fpn_norm=config.backbone.fpn_norm,
         weights=config.backbone.weights,
+        stem_channels=config.backbone.stem_channels,
+        res2_channels=config.backbone.res2_channels,
+        groups=config.backbone.groups,
+        width_per_group=config.backbone.width_per_group,
+        stride_in_1x1=config.backbone.stride_in_1x1,
     )
     rpn_config = config.rpn
     rpn = RegionProposalNetwork(
@@ -246,6 +254,11 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         batch_size_per_image=rpn_config.batch_size_per_image,
         positive_fraction=rpn_config.positive_fraction,
         crowd_ioa_thresh=rpn_config.crowd_ioa_thresh,
+        strides=backbone.strides,
+        anchor_convention=rpn_config.anchor_convention,
+        anchor_offset=rpn_config.anchor_offset,
+        min_proposal_size=rpn_config.min_proposal_size,
+        proposal_selection=rpn_config.proposal_selection,
     )
     roi_heads = build_roi_heads(config, in_channels=backbone.out_channels)
 

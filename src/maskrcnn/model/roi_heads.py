@@ -12,6 +12,7 @@ Parameter names inside `roi_heads.`: `box_head.*`, `box_predictor.*` (torchvisio
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss,
 from maskrcnn.model.roi_align import roi_align
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5 (P6 only feeds the RPN)
+LEVEL_ASSIGNMENTS = ("torchvision", "detectron2")
 
 
 class MultiLevelRoIAlign(nn.Module):
@@ -41,7 +43,9 @@ class MultiLevelRoIAlign(nn.Module):
     the paper's canonical size 224 (ImageNet's image size) these are the same numbers as
     torchvision's `MultiScaleRoIAlign`, which has no `aligned` switch. On images much smaller
     than COCO's ~800 px every object falls to P2 with 224; a smaller canonical size spreads them
-    over the levels again.
+    over the levels again. `level_assignment` picks where the rounding guard goes, which decides
+    boxes within float error of a level boundary: "torchvision" adds 1e-6 to the level,
+    "detectron2" adds float64's epsilon inside the logarithm (in float32, nothing).
 
     features: name -> `[B, C, Hl, Wl]`; boxes: per image `[Ri, 4]` in input-image pixels;
     returns `[sum Ri, C, S, S]` in the order of the boxes.
@@ -55,10 +59,14 @@ class MultiLevelRoIAlign(nn.Module):
         sampling_ratio: int,
         aligned: bool,
         canonical_box_size: float = 224.0,
+        level_assignment: str = "torchvision",
     ) -> None:
         super().__init__()
         if canonical_box_size <= 0:
             raise ValueError(f"canonical_box_size must be > 0, got {canonical_box_size}")
+        if level_assignment not in LEVEL_ASSIGNMENTS:
+            raise ValueError(f"roi_level_assignment must be one of {LEVEL_ASSIGNMENTS}, got {level_assignment!r}")
+        self.level_assignment = level_assignment
         self.canonical_box_size = float(canonical_box_size)
         self.featmap_names = tuple(featmap_names)
         self.output_size = output_size
@@ -76,7 +84,10 @@ class MultiLevelRoIAlign(nn.Module):
         image_index = torch.cat([torch.full((len(b),), i, device=b.device) for i, b in enumerate(boxes)])
         rois = torch.cat([image_index[:, None].to(boxes[0].dtype), torch.cat(boxes)], dim=1)  # [R, 5]
         size = torch.sqrt(box_area(rois[:, 1:]))
-        level = torch.floor(4 + torch.log2(size / self.canonical_box_size) + torch.tensor(1e-6, dtype=size.dtype))
+        if self.level_assignment == "detectron2":
+            level = torch.floor(4 + torch.log2(size / self.canonical_box_size + sys.float_info.epsilon))
+        else:
+            level = torch.floor(4 + torch.log2(size / self.canonical_box_size) + torch.tensor(1e-6, dtype=size.dtype))
         level = level.clamp(min=first_level, max=last_level).to(torch.int64) - first_level
 
         pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))
@@ -129,6 +140,7 @@ class RoIHeads(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         suppressed_labels: tuple[int, ...] = (),
+        box_postprocess: str = "torchvision",
         mask_pooler: MultiLevelRoIAlign | None = None,
         mask_head: nn.Module | None = None,
         mask_train_on: str = "proposals",
@@ -139,6 +151,7 @@ class RoIHeads(nn.Module):
         keypoint_pooler: MultiLevelRoIAlign | None = None,
         keypoint_head: KeypointHead | None = None,
         keypoint_loss_weight: float = 1.0,
+        keypoint_decoding: str = "torchvision",
     ) -> None:
         super().__init__()
         if mask_train_on not in ("proposals", "gt_boxes"):
@@ -152,11 +165,12 @@ class RoIHeads(nn.Module):
         self.crowd_ioa_thresh = crowd_ioa_thresh
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.suppressed_labels = tuple(suppressed_labels)
+        self.box_postprocess = box_postprocess
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask_train_on, gt_box_jitter, mask_classes
         self.point_supervision, self.points_per_instance = point_supervision, points_per_instance
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
-        self.keypoint_loss_weight = keypoint_loss_weight
+        self.keypoint_loss_weight, self.keypoint_decoding = keypoint_loss_weight, keypoint_decoding
 
     def forward(
         self,
@@ -236,6 +250,7 @@ class RoIHeads(nn.Module):
                 nms_thresh=self.nms_thresh,
                 detections_per_img=self.detections_per_img,
                 suppressed_labels=self.suppressed_labels,
+                postprocess=self.box_postprocess,
             )
         loss_classifier, loss_box_reg = fast_rcnn_loss(
             class_logits, box_deltas, torch.cat(samples.labels), torch.cat(samples.regression_targets)
@@ -327,7 +342,7 @@ class RoIHeads(nn.Module):
         if not self.training:
             boxes = [d["boxes"] for d in detections]
             heatmaps = self.keypoint_head(self.keypoint_pooler(features, boxes, image_sizes))
-            keypoints, scores = heatmaps_to_keypoints(heatmaps, torch.cat(boxes))
+            keypoints, scores = heatmaps_to_keypoints(heatmaps, torch.cat(boxes), decoding=self.keypoint_decoding)
             sizes = [len(b) for b in boxes]
             for detection, points, point_scores in zip(detections, keypoints.split(sizes), scores.split(sizes)):
                 detection["keypoints"], detection["keypoints_scores"] = points, point_scores
@@ -358,7 +373,8 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
 
     def pooler(head) -> MultiLevelRoIAlign:  # every head's pooler: its own crop, one level mapping
         return MultiLevelRoIAlign(output_size=head.pooler_resolution, sampling_ratio=head.sampling_ratio,
-                                  aligned=head.aligned, canonical_box_size=config.roi_canonical_box_size)  # fmt: skip
+                                  aligned=head.aligned, canonical_box_size=config.roi_canonical_box_size,
+                                  level_assignment=config.roi_level_assignment)  # fmt: skip
 
     heads: dict = {}
     if config.mask_head.enabled:
@@ -392,6 +408,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
                 num_convs=keypoint.num_convs,
             ),
             keypoint_loss_weight=keypoint.loss_weight,
+            keypoint_decoding=keypoint.decoding,
         )
     return RoIHeads(
         box_pooler=pooler(box),
@@ -415,5 +432,6 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
         nms_thresh=box.nms_thresh,
         detections_per_img=box.detections_per_img,
         suppressed_labels=tuple(box.suppressed_labels),
+        box_postprocess=box.postprocess,
         **heads,
     )

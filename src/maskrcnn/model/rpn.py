@@ -20,18 +20,30 @@ from .transform import ImageBatch
 MIN_PROPOSAL_SIZE = 1e-3
 
 
+ANCHOR_CONVENTIONS = ("torchvision", "detectron2")
+PROPOSAL_SELECTIONS = ("torchvision", "detectron2")
+
+
 class AnchorGenerator(nn.Module):
     """Anchors of every FPN level: one size per level times `aspect_ratios` (height / width).
 
-    Cell anchors are centred on 0 and rounded to integers (torchvision's rounding), then shifted
-    to every feature-map location. The anchors of one level are ordered (y, x, ratio), matching
-    the flattened head outputs.
+    Cell anchors are centred on 0 and shifted to every feature-map location, the first one
+    `offset` strides from the image corner. The anchors of one level are ordered (y, x, ratio),
+    matching the flattened head outputs. The two conventions differ in two details:
+    "torchvision" rounds the cell anchors to integers and takes each level's stride as the padded
+    image size over the grid size; "detectron2" keeps the exact sizes (computed in float64) and
+    uses the level's nominal stride (`strides`). The strides differ on P6 when a side is an odd
+    multiple of 32 (P6 then has ceil(side / 64) cells).
     """
 
-    def __init__(self, *, sizes: list[int], aspect_ratios: list[float]) -> None:
+    def __init__(self, *, sizes: list[int], aspect_ratios: list[float], strides: tuple[int, ...] = (4, 8, 16, 32, 64),
+                 convention: str = "torchvision", offset: float = 0.0) -> None:
         super().__init__()
+        if convention not in ANCHOR_CONVENTIONS:
+            raise ValueError(f"rpn.anchor_convention must be one of {ANCHOR_CONVENTIONS}, got {convention!r}")
         self.sizes = list(sizes)
         self.aspect_ratios = list(aspect_ratios)
+        self.strides, self.convention, self.offset = tuple(strides), convention, float(offset)
         self.cell_anchors = [self._cell_anchors(size) for size in self.sizes]  # [A, 4] per level
 
     @property
@@ -39,6 +51,11 @@ class AnchorGenerator(nn.Module):
         return len(self.aspect_ratios)
 
     def _cell_anchors(self, size: int) -> Tensor:
+        if self.convention == "detectron2":  # w = sqrt(size^2 / ratio), h = ratio * w, in float64
+            ratios = torch.as_tensor(self.aspect_ratios, dtype=torch.float64)
+            widths = torch.sqrt(float(size) ** 2 / ratios)
+            heights = ratios * widths
+            return (torch.stack([-widths, -heights, widths, heights], dim=1) / 2).to(torch.float32)
         ratios = torch.as_tensor(self.aspect_ratios, dtype=torch.float32)
         h_ratios = torch.sqrt(ratios)
         w_ratios = 1 / h_ratios  # area stays size**2
@@ -49,18 +66,21 @@ class AnchorGenerator(nn.Module):
     def forward(self, batch_shape: tuple[int, int], feature_maps: list[Tensor]) -> list[Tensor]:
         """Anchors `[H_l * W_l * A, 4]` per level for a padded batch of size `batch_shape (H, W)`."""
         anchors = []
-        for feature, cell in zip(feature_maps, self.cell_anchors):
+        for level, (feature, cell) in enumerate(zip(feature_maps, self.cell_anchors)):
             grid_h, grid_w = feature.shape[-2:]
-            # The stride is the padded size over the grid size (torchvision's definition; for P6 of an
-            # image whose side is an odd multiple of 32 it is not exactly 64, and parity needs the same).
-            stride_h, stride_w = batch_shape[0] // grid_h, batch_shape[1] // grid_w
+            if self.convention == "detectron2":
+                stride_h = stride_w = self.strides[level]
+            else:
+                # The padded size over the grid size (torchvision's definition; for P6 of an image whose
+                # side is an odd multiple of 32 it is not exactly 64, and parity needs the same).
+                stride_h, stride_w = batch_shape[0] // grid_h, batch_shape[1] // grid_w
             device = feature.device
-            shifts_x = torch.arange(grid_w, dtype=torch.int32, device=device) * stride_w
-            shifts_y = torch.arange(grid_h, dtype=torch.int32, device=device) * stride_h
+            shifts_x = (torch.arange(grid_w, dtype=torch.float32, device=device) + self.offset) * stride_w
+            shifts_y = (torch.arange(grid_h, dtype=torch.float32, device=device) + self.offset) * stride_h
             shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=2).reshape(-1, 1, 4)
             cell = cell.to(dtype=feature.dtype, device=device)
-            anchors.append((shifts + cell[None]).reshape(-1, 4))
+            anchors.append((shifts.to(feature.dtype) + cell[None]).reshape(-1, 4))
         return anchors
 
 
@@ -131,9 +151,22 @@ class RegionProposalNetwork(nn.Module):
         positive_fraction: float,
         crowd_ioa_thresh: float = 0.7,
         num_convs: int = 1,
+        strides: tuple[int, ...] = (4, 8, 16, 32, 64),
+        anchor_convention: str = "torchvision",
+        anchor_offset: float = 0.0,
+        min_proposal_size: float = MIN_PROPOSAL_SIZE,
+        proposal_selection: str = "torchvision",
     ) -> None:
+        """`proposal_selection` "torchvision" ranks proposals by their sigmoid probability and
+        keeps boxes with both sides >= `min_proposal_size` above `score_thresh`; "detectron2"
+        ranks by the logits (no ties where the sigmoid saturates in float32) and keeps boxes with
+        both sides > `min_proposal_size`."""
         super().__init__()
-        self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios)
+        if proposal_selection not in PROPOSAL_SELECTIONS:
+            raise ValueError(f"rpn.proposal_selection must be one of {PROPOSAL_SELECTIONS}, got {proposal_selection!r}")
+        self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios, strides=strides,
+                                                convention=anchor_convention, offset=anchor_offset)
+        self.min_proposal_size, self.proposal_selection = float(min_proposal_size), proposal_selection
         self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios), num_convs=num_convs)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         # Low-quality matches: every gt keeps its best anchors even below fg_iou_thresh.
@@ -150,6 +183,20 @@ class RegionProposalNetwork(nn.Module):
     def forward(
         self, images: ImageBatch, features: dict[str, Tensor], targets: list[dict] | None = None
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        proposals, _, (logits, deltas, anchors) = self.propose(images, features)
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("RegionProposalNetwork: targets are required in training mode")
+            losses = self.losses(logits, deltas, anchors, targets)
+        return proposals, losses
+
+    def propose(
+        self, images: ImageBatch, features: dict[str, Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """Proposals `[P_i, 4]` per image, best first, with their objectness logits `[P_i]`; and
+        the raw head outputs the losses need: logits `[B, A_total]`, deltas `[B, A_total, 4]`,
+        anchors `[A_total, 4]`."""
         feature_maps = list(features.values())
         logits, deltas = self.head(feature_maps)
         anchors_per_level = self.anchor_generator(tuple(images.tensors.shape[-2:]), feature_maps)
@@ -160,19 +207,16 @@ class RegionProposalNetwork(nn.Module):
         num_images = logits.shape[0]
         proposals = self.box_coder.decode(deltas.detach().reshape(-1, 4), anchors.repeat(num_images, 1))
         proposals = proposals.view(num_images, -1, 4)
-        proposals = self.select_proposals(proposals, logits.detach(), images.image_sizes, num_anchors_per_level)
-
-        losses: dict[str, Tensor] = {}
-        if self.training:
-            if targets is None:
-                raise ValueError("RegionProposalNetwork: targets are required in training mode")
-            losses = self.losses(logits, deltas, anchors, targets)
-        return proposals, losses
+        proposals, proposal_logits = self.select_proposals(
+            proposals, logits.detach(), images.image_sizes, num_anchors_per_level
+        )
+        return proposals, proposal_logits, (logits, deltas, anchors)
 
     def select_proposals(
         self, proposals: Tensor, logits: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
-    ) -> list[Tensor]:
-        """`proposals [B, A_total, 4]`, `logits [B, A_total]` -> per image `[P_i, 4]`.
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """`proposals [B, A_total, 4]`, `logits [B, A_total]` -> per image boxes `[P_i, 4]` and
+        their logits `[P_i]`.
 
         The top `pre_nms_top_n` per level, clipped to the image, without tiny boxes, above
         `score_thresh`, NMS within each level, then the best `post_nms_top_n` of the image.
@@ -189,18 +233,25 @@ class RegionProposalNetwork(nn.Module):
         top_indices = torch.cat(top_indices, dim=1)  # [B, K]
         levels = torch.cat(top_levels)  # [K]
         image_index = torch.arange(len(proposals), device=device)[:, None]
-        scores = torch.sigmoid(logits[image_index, top_indices])
+        top_logits = logits[image_index, top_indices]
         boxes = proposals[image_index, top_indices]
 
-        selected = []
-        for image_boxes, image_scores, image_size in zip(boxes, scores, image_sizes):
+        selected, selected_logits = [], []
+        for image_boxes, image_logits, image_size in zip(boxes, top_logits, image_sizes):
             image_boxes = clip_boxes_to_image(image_boxes, image_size)
-            keep = remove_small_boxes(image_boxes, MIN_PROPOSAL_SIZE)
-            keep = keep[image_scores[keep] >= self.score_thresh]
-            image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], levels[keep]
-            keep = batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)
-            selected.append(image_boxes[keep[: self.post_nms_top_n[mode]]])
-        return selected
+            if self.proposal_selection == "detectron2":
+                sides = image_boxes[:, 2:] - image_boxes[:, :2]
+                keep = torch.where((sides > self.min_proposal_size).all(dim=1))[0]
+                ranking = image_logits
+            else:
+                keep = remove_small_boxes(image_boxes, self.min_proposal_size)
+                ranking = torch.sigmoid(image_logits)
+                keep = keep[ranking[keep] >= self.score_thresh]
+            keep = keep[batched_nms(image_boxes[keep], ranking[keep], levels[keep], self.nms_thresh)]
+            keep = keep[: self.post_nms_top_n[mode]]
+            selected.append(image_boxes[keep])
+            selected_logits.append(image_logits[keep])
+        return selected, selected_logits
 
     def label_anchors(self, anchors: Tensor, target: dict) -> tuple[Tensor, Tensor]:
         """Match one image's anchors `[A_total, 4]` to its gt boxes.

@@ -57,12 +57,35 @@ def _ratios(original_size: tuple[int, int], new_size: tuple[int, int], device: t
     ]
 
 
+CHANNEL_ORDERS = ("RGB", "BGR")
+SIZE_ROUNDINGS = ("floor", "round")
+
+
+def rounded_size(original_size: tuple[int, int], min_size: int, max_size: int) -> tuple[int, int]:
+    """detectron2's `ResizeShortestEdge` output size (h, w): the shorter side becomes `min_size`,
+    then both shrink if the longer one exceeds `max_size`; sides rounded to the nearest pixel."""
+    height, width = original_size
+    scale = min_size / min(height, width)
+    new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
 class ImageTransform(nn.Module):
     """Normalise, resize and batch images (and resize their targets).
 
     Training picks one of `min_size` per image (torchvision's `torch_choice`, drawn from torch's
     global RNG); evaluation uses `min_size_test`. The shorter side becomes that size unless the
     longer side would then exceed `max_size`.
+
+    Inputs are always RGB floats in 0-1. Weights trained on other pixels say so with
+    `channel_order` ("BGR": the channels are reversed first) and `pixel_scale` (255: the values are
+    multiplied first); `image_mean` / `image_std` are in those channels and units (detectron2's
+    `PIXEL_MEAN` / `PIXEL_STD`). `size_rounding` "floor" is torchvision's resized size
+    (floor(side * scale)); "round" is detectron2's `ResizeShortestEdge` (int(side * scale + 0.5),
+    with the scale worked out from the shorter side first and then the longer one).
     """
 
     def __init__(
@@ -74,8 +97,16 @@ class ImageTransform(nn.Module):
         image_mean: list[float],
         image_std: list[float],
         size_divisible: int = 32,
+        channel_order: str = "RGB",
+        pixel_scale: float = 1.0,
+        size_rounding: str = "floor",
     ) -> None:
         super().__init__()
+        if channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"transform.channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+        if size_rounding not in SIZE_ROUNDINGS:
+            raise ValueError(f"transform.size_rounding must be one of {SIZE_ROUNDINGS}, got {size_rounding!r}")
+        self.channel_order, self.pixel_scale, self.size_rounding = channel_order, float(pixel_scale), size_rounding
         self.min_size = tuple(int(s) for s in min_size)
         self.min_size_test = int(min_size_test)
         self.max_size = int(max_size)
@@ -104,6 +135,11 @@ class ImageTransform(nn.Module):
         return batch, (resized_targets if targets is not None else None)
 
     def normalize(self, image: Tensor) -> Tensor:
+        """`[3, H, W]` RGB in 0-1 -> the weights' channels and units, minus mean, over std."""
+        if self.channel_order == "BGR":
+            image = image.flip(0)
+        if self.pixel_scale != 1.0:
+            image = image * self.pixel_scale
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
@@ -121,11 +157,16 @@ class ImageTransform(nn.Module):
         original_size = (int(image.shape[-2]), int(image.shape[-1]))
         min_size = self.choose_min_size()
         scale = min(min_size / min(original_size), self.max_size / max(original_size))
-        # recompute_scale_factor=True: the output size is floor(side * scale), and the sampling grid
-        # follows that size (torchvision's call, hence its exact pixels).
-        image = F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-        )[0]
+        if self.size_rounding == "floor":
+            # recompute_scale_factor=True: the output size is floor(side * scale), and the sampling grid
+            # follows that size (torchvision's call, hence its exact pixels).
+            image = F.interpolate(
+                image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+            )[0]
+        else:
+            size = rounded_size(original_size, min_size, self.max_size)
+            if size != original_size:  # the same size is the identity (detectron2 skips it too)
+                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
             return image, None
         new_size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -140,7 +181,7 @@ class ImageTransform(nn.Module):
             masks = target["masks"]
             if isinstance(masks, Tensor):
                 # nearest-neighbour on the dense masks, torchvision's call
-                masks = F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)
+                masks = F.interpolate(masks[:, None].float(), size=new_size)
                 target["masks"] = masks[:, 0].byte()
             else:  # InstanceMasks (docs/design.md): resized lazily from polygons / RLE
                 target["masks"] = masks.resize(*new_size)
@@ -179,5 +220,6 @@ class ImageTransform(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"min_size={self.min_size}, min_size_test={self.min_size_test}, max_size={self.max_size}, "
-            f"mean={self.image_mean}, std={self.image_std}, size_divisible={self.size_divisible}"
+            f"mean={self.image_mean}, std={self.image_std}, size_divisible={self.size_divisible}, "
+            f"channel_order={self.channel_order}, pixel_scale={self.pixel_scale}, size_rounding={self.size_rounding}"
         )
