@@ -10,6 +10,7 @@ _LAZY = {
     "MaskRCNN": "maskrcnn.model.mask_rcnn",
     "build_model": "maskrcnn.model.mask_rcnn",
     "from_torchvision": "maskrcnn.checkpoint",
+    "from_detectron2": "maskrcnn.checkpoint",
     "load_checkpoint": "maskrcnn.checkpoint",
     "save_checkpoint": "maskrcnn.checkpoint",
     "export_model": "maskrcnn.export",

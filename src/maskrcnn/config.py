@@ -21,7 +21,8 @@ import yaml
 @dataclass
 class BackboneConfig:
     depth: int = 50  # ResNet-18/34/50/101
-    norm: str = "frozen_bn"  # "frozen_bn" (pretrained weights) | "bn" | "gn" (training from scratch)
+    # "frozen_bn" (pretrained weights; "frozen_bn_detectron2": detectron2's arithmetic) | "bn" | "gn" (from scratch)
+    norm: str = "frozen_bn"
     trainable_stages: int = 3  # 0..5: how many of (layer4, layer3, layer2, layer1, stem) train
     fpn_channels: int = 256
     fpn_norm: str = "none"  # "none" | "bn" | "gn" after each FPN conv (torchvision's *_fpn_v2: "bn")

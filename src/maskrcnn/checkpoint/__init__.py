@@ -3,12 +3,15 @@
 format.py       our checkpoint format: FORMAT, the atomic writer, the weights_only reader,
                 save_checkpoint / load_checkpoint, checked state-dict loading
 torchvision.py  torchvision's detection weights -> our model (from_torchvision, convert)
+detectron2.py   detectron2's weights + YAML config -> our model (from_detectron2, read_detectron2,
+                convert_detectron2); detectron2_defaults.py holds its config defaults
 
 This package imports `model/`; `model/` never imports it.
 """
 
+from .detectron2 import convert_detectron2, from_detectron2, read_detectron2
 from .format import FORMAT, atomic_save, load_checkpoint, read_checkpoint, save_checkpoint
 from .torchvision import convert_torchvision, from_torchvision
 
-__all__ = ["FORMAT", "atomic_save", "convert_torchvision", "from_torchvision", "load_checkpoint",
-           "read_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "atomic_save", "convert_detectron2", "convert_torchvision", "from_detectron2",
+           "from_torchvision", "load_checkpoint", "read_checkpoint", "read_detectron2", "save_checkpoint"]

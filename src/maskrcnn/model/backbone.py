@@ -28,18 +28,35 @@ BOTTLENECK_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101
 GROUP_NORM_GROUPS = 32
 
 
+class DetectronFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same eps) computed as detectron2 computes
+    it at inference: one `F.batch_norm` call, whose rounding differs from torchvision's
+    `x * scale + shift` in the last bits; through a ResNet-101 that is 1e-3 px on the boxes and
+    flips near-tied keypoint maxima, so detectron2's weights reproduce its outputs only this way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+
+NORMS = ("frozen_bn", "frozen_bn_detectron2", "bn", "gn")
+
+
 def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
     """"frozen_bn" for pretrained weights (batch statistics of a few images per GPU would be too
-    noisy to train), "bn" or "gn" (32 groups) when training from scratch."""
+    noisy to train; "frozen_bn_detectron2" is the same with detectron2's arithmetic), "bn" or "gn"
+    (32 groups) when training from scratch."""
     match norm:
         case "frozen_bn":
             return FrozenBatchNorm2d
+        case "frozen_bn_detectron2":
+            return DetectronFrozenBatchNorm2d
         case "bn":
             return nn.BatchNorm2d
         case "gn":
             return lambda channels: nn.GroupNorm(GROUP_NORM_GROUPS, channels)
         case _:
-            raise ValueError(f"backbone norm {norm!r} is not one of 'frozen_bn', 'bn', 'gn'")
+            raise ValueError(f"backbone norm {norm!r} is not one of {', '.join(map(repr, NORMS))}")
 
 
 class Bottleneck(nn.Module):

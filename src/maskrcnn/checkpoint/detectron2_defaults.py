@@ -1,0 +1,108 @@
+"""detectron2's config defaults (its `config/defaults.py`) for the keys `detectron2.py` reads.
+
+A zoo YAML sets only what differs from these (through its `_BASE_` chain); a resolved
+`config.yaml` repeats them all. Keys the loader never reads are not listed: a file may hold any
+of them. The values are detectron2's at the commit its model zoo is trained with.
+"""
+
+from __future__ import annotations
+
+DETECTRON2_DEFAULTS: dict = {
+    "VERSION": 2,
+    "MODEL": {
+        "LOAD_PROPOSALS": False,
+        "MASK_ON": False,
+        "KEYPOINT_ON": False,
+        "META_ARCHITECTURE": "GeneralizedRCNN",
+        "PIXEL_MEAN": [103.530, 116.280, 123.675],
+        "PIXEL_STD": [1.0, 1.0, 1.0],
+        "BACKBONE": {"NAME": "build_resnet_backbone", "FREEZE_AT": 2},
+        "FPN": {"IN_FEATURES": [], "OUT_CHANNELS": 256, "NORM": "", "FUSE_TYPE": "sum"},
+        "PROPOSAL_GENERATOR": {"NAME": "RPN", "MIN_SIZE": 0},
+        "ANCHOR_GENERATOR": {
+            "NAME": "DefaultAnchorGenerator",
+            "SIZES": [[32, 64, 128, 256, 512]],
+            "ASPECT_RATIOS": [[0.5, 1.0, 2.0]],
+            "OFFSET": 0.0,
+        },
+        "RPN": {
+            "HEAD_NAME": "StandardRPNHead",
+            "IN_FEATURES": ["res4"],
+            "IOU_THRESHOLDS": [0.3, 0.7],
+            "BATCH_SIZE_PER_IMAGE": 256,
+            "POSITIVE_FRACTION": 0.5,
+            "BBOX_REG_WEIGHTS": [1.0, 1.0, 1.0, 1.0],
+            "PRE_NMS_TOPK_TRAIN": 12000,
+            "PRE_NMS_TOPK_TEST": 6000,
+            "POST_NMS_TOPK_TRAIN": 2000,
+            "POST_NMS_TOPK_TEST": 1000,
+            "NMS_THRESH": 0.7,
+            "CONV_DIMS": [-1],
+        },
+        "ROI_HEADS": {
+            "NAME": "Res5ROIHeads",
+            "NUM_CLASSES": 80,
+            "IN_FEATURES": ["res4"],
+            "IOU_THRESHOLDS": [0.5],
+            "BATCH_SIZE_PER_IMAGE": 512,
+            "POSITIVE_FRACTION": 0.25,
+            "SCORE_THRESH_TEST": 0.05,
+            "NMS_THRESH_TEST": 0.5,
+        },
+        "ROI_BOX_HEAD": {
+            "NAME": "",
+            "BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+            "POOLER_RESOLUTION": 14,
+            "POOLER_SAMPLING_RATIO": 0,
+            "POOLER_TYPE": "ROIAlignV2",
+            "NUM_FC": 0,
+            "FC_DIM": 1024,
+            "NUM_CONV": 0,
+            "CONV_DIM": 256,
+            "NORM": "",
+            "CLS_AGNOSTIC_BBOX_REG": False,
+            "USE_FED_LOSS": False,
+            "USE_SIGMOID_CE": False,
+        },
+        "ROI_MASK_HEAD": {
+            "NAME": "MaskRCNNConvUpsampleHead",
+            "POOLER_RESOLUTION": 14,
+            "POOLER_SAMPLING_RATIO": 0,
+            "NUM_CONV": 0,
+            "CONV_DIM": 256,
+            "NORM": "",
+            "CLS_AGNOSTIC_MASK": False,
+            "POOLER_TYPE": "ROIAlignV2",
+        },
+        "ROI_KEYPOINT_HEAD": {
+            "NAME": "KRCNNConvDeconvUpsampleHead",
+            "POOLER_RESOLUTION": 14,
+            "POOLER_SAMPLING_RATIO": 0,
+            "CONV_DIMS": [512] * 8,
+            "NUM_KEYPOINTS": 17,
+            "LOSS_WEIGHT": 1.0,
+            "POOLER_TYPE": "ROIAlignV2",
+        },
+        "RESNETS": {
+            "DEPTH": 50,
+            "OUT_FEATURES": ["res4"],
+            "NUM_GROUPS": 1,
+            "NORM": "FrozenBN",
+            "WIDTH_PER_GROUP": 64,
+            "STRIDE_IN_1X1": True,
+            "RES5_DILATION": 1,
+            "RES2_OUT_CHANNELS": 256,
+            "STEM_OUT_CHANNELS": 64,
+            "DEFORM_ON_PER_STAGE": [False, False, False, False],
+        },
+    },
+    "INPUT": {
+        "MIN_SIZE_TRAIN": [800],
+        "MIN_SIZE_TRAIN_SAMPLING": "choice",
+        "MAX_SIZE_TRAIN": 1333,
+        "MIN_SIZE_TEST": 800,
+        "MAX_SIZE_TEST": 1333,
+        "FORMAT": "BGR",
+    },
+    "TEST": {"DETECTIONS_PER_IMAGE": 100},
+}
