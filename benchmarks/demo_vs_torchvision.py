@@ -1,6 +1,6 @@
 """Our Mask R-CNN vs torchvision's, trained with the same recipe, on the same data, by the same loop.
 
-Both models are built from one config (by default the demo's, configs/shapes_demo.yaml): ours with
+Both models are built from one config (by default the demo's, the shapes_demo recipe): ours with
 `build_model(config.model)`, torchvision's `MaskRCNN` assembled from torchvision's own parts with
 the same sizes (ResNet body and norm, FPN width, anchors, RPN and RoI counts, head widths, mask and
 keypoint heads). Both train with our trainer (`train(config, model=...)`: same data order, optimizer,
@@ -38,7 +38,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn.config import Config, ModelConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The first torchvision reference recipe (a ResNet-18 FPN from scratch at 192 px with SGD), written
 # as overrides of the demo config; its figures are in docs/results.md.
@@ -228,7 +227,7 @@ def time_steps(config: Config, steps: int, *, rounds: int, levers: bool) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "shapes_demo.yaml"))
+    parser.add_argument("--config", default="shapes_demo", help="a YAML path or a shipped recipe's name")
     parser.add_argument("--reference", action="store_true", help="use the first torchvision reference recipe instead")
     parser.add_argument("--only", choices=["ours", "torchvision"], help="train one of the two")
     parser.add_argument("--out", default="runs/demo_vs_torchvision")
@@ -237,7 +236,7 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true",
                         help="with --steps: also time ours with torchvision's RoIAlign, and with the for-loop optimizer")
     parser.add_argument("--r50", action="store_true",
-                        help="torchvision's default Mask R-CNN R50-FPN recipe (configs/coco_mask_rcnn_R50_FPN_1x.yaml, "
+                        help="torchvision's default Mask R-CNN R50-FPN recipe (the coco_mask_rcnn_R50_FPN_1x recipe, "
                              "800 px, 1 image, fp32, no pretrained weights) on a shapes image, instead of --config")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
@@ -246,7 +245,7 @@ def main() -> None:
         if not args.steps:
             parser.error("--r50 only times steps (--steps N): there is no COCO data here to train on")
         overrides = R50_STEPS + overrides
-    config = load_config(str(ROOT / "configs" / "coco_mask_rcnn_R50_FPN_1x.yaml") if args.r50 else args.config, overrides)
+    config = load_config("coco_mask_rcnn_R50_FPN_1x" if args.r50 else args.config, overrides)
     if config.train.cpu_threads is not None:  # as train() does, so that --steps times the same threads
         torch.set_num_threads(config.train.cpu_threads)
     print(f"{config.train.iterations} iterations of {config.train.batch_size} images, "

@@ -19,7 +19,7 @@ import yaml
 from maskrcnn.config import Config, load_config
 from maskrcnn.data.shapes import SHAPE_NAMES
 
-# On top of configs/shapes_demo.yaml (the demo's recipe, tuned to learn `shapes` quickly on a
+# On top of the shapes_demo recipe (the demo's recipe, tuned to learn `shapes` quickly on a
 # CPU, and its data: data/shapes, 800 training and 200 validation images at 192 px). The keypoint
 # head stays on: without its supervision the shared backbone learns far less in 600 iterations
 # (box AP ~0.09 instead of ~0.22, experiments/README.md); pass model.keypoint_head.enabled=false
@@ -33,7 +33,7 @@ BASE_OVERRIDES = [
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/shapes_demo.yaml", help="base recipe (YAML); skipped if missing")
+    parser.add_argument("--config", default="shapes_demo", help="base recipe (a YAML path or a shipped recipe's name)")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations per run (default: the recipe's)")
     parser.add_argument("--out", type=Path, required=True, help="folder for runs and the results JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 lets two runs share a 2-core machine)")
@@ -52,7 +52,7 @@ def check_only(args: argparse.Namespace, names: list[str]) -> None:
 
 
 def make_config(args: argparse.Namespace, run_name: str, overrides: list[str]) -> Config:
-    base = args.config if args.config and Path(args.config).is_file() else None
+    base = args.config or None
     extra = [f"train.output_dir={args.out / run_name}"]
     if args.iterations is not None:
         extra.append(f"train.iterations={args.iterations}")

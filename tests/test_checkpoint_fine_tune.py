@@ -76,12 +76,12 @@ def test_shapes_checkpoint_fine_tunes_onto_three_classes(tmp_path, three_classes
     from test_cli import TINY  # the tiny shapes model of the CLI tests
 
     source_run, out = tmp_path / "shapes_run", tmp_path / "run"
-    assert main(["train", "configs/shapes_demo.yaml", *TINY, f"data.root={tmp_path / 'shapes'}",
+    assert main(["train", "shapes_demo", *TINY, f"data.root={tmp_path / 'shapes'}",
                  f"train.output_dir={source_run}"]) == 0  # fmt: skip
     source = read_checkpoint(source_run / "last.pth")
     assert source["model_config"]["num_classes"] == 6 and source["model_config"]["keypoint_head"]["num_keypoints"] == 4
     capsys.readouterr()
-    assert main(["train", "configs/shapes_demo.yaml", *TINY, *three_classes, *NO_UPDATES, f"train.output_dir={out}",
+    assert main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES, f"train.output_dir={out}",
                  f"train.init_weights={source_run / 'last.pth'}"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "(a maskrcnn checkpoint): loaded all tensors but 6" in printed
@@ -92,12 +92,12 @@ def test_shapes_checkpoint_fine_tunes_onto_three_classes(tmp_path, three_classes
     _loaded_as_expected(source["model"], read_checkpoint(out / "last.pth")["model"], BOX_AND_MASK_PREDICTORS)
 
     # another depth, or a file that is not weights at all, is an error naming what does not fit
-    code = main(["train", "configs/shapes_demo.yaml", *TINY, *three_classes, *NO_UPDATES, "model.backbone.depth=34",
+    code = main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES, "model.backbone.depth=34",
                  f"train.output_dir={tmp_path / 'deeper'}", f"train.init_weights={source_run / 'last.pth'}"])  # fmt: skip
     error = capsys.readouterr().err
     assert code == 2 and "does not fit the configured model" in error and "missing (e.g. ['backbone.body.layer1.2" in error
     (tmp_path / "notes.pth").write_text("not weights")
-    code = main(["train", "configs/shapes_demo.yaml", *TINY, *three_classes, *NO_UPDATES,
+    code = main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES,
                  f"train.output_dir={tmp_path / 'typo'}", f"train.init_weights={tmp_path / 'notes.pth'}"])  # fmt: skip
     assert code == 2 and "notes.pth cannot be read" in capsys.readouterr().err
 

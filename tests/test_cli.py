@@ -15,7 +15,7 @@ from maskrcnn.cli import _categories, build_parser, main
 
 SUBCOMMANDS = ["demo", "train", "evaluate", "predict", "convert", "check-data", "points"]
 
-# A model and data set small enough for seconds on a CPU (the recipe is configs/shapes_demo.yaml).
+# A model and data set small enough for seconds on a CPU (the recipe is src/maskrcnn/configs/shapes_demo.yaml).
 TINY = [
     "model.backbone.fpn_channels=16", "model.box_head.fc_dim=32", "model.mask_head.conv_dim=8",
     "model.keypoint_head.conv_dim=8", "model.transform.min_size=[64]", "model.transform.min_size_test=64",
@@ -92,7 +92,7 @@ def test_check_data_subcommand_is_wired_or_says_it_is_missing(tmp_path, capsys):
 @needs_model
 def test_train_saves_the_overridden_config(tmp_path):
     out = tmp_path / "run"
-    code = main(["train", "configs/shapes_demo.yaml", *TINY, f"data.root={tmp_path / 'shapes'}",
+    code = main(["train", "shapes_demo", *TINY, f"data.root={tmp_path / 'shapes'}",
                  f"train.output_dir={out}", "train.lr=0.011", "model.mask_head.num_convs=1"])  # fmt: skip
     assert code == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -22,7 +22,7 @@ from maskrcnn.data.coco import CocoDataset, CocoFormatError
 from maskrcnn.engine.evaluation import coco_evaluate
 
 SIZE = 32
-# A model small enough for a second per iteration on a CPU, over configs/shapes_demo.yaml.
+# A model small enough for a second per iteration on a CPU, over src/maskrcnn/configs/shapes_demo.yaml.
 TINY = [
     "model.backbone.fpn_channels=8", "model.box_head.fc_dim=16", "model.mask_head.conv_dim=8",
     "model.keypoint_head.enabled=false", "model.transform.min_size=[32]", "model.transform.min_size_test=32",
@@ -64,7 +64,7 @@ def _dataset(path: Path, folder: Path, **options) -> CocoDataset:
 
 
 def _train_args(tmp_path: Path, path: Path, folder: Path, *extra: str) -> list[str]:
-    return ["train", "configs/shapes_demo.yaml", *TINY, "data.name=coco", f"data.train.annotations={path}",
+    return ["train", "shapes_demo", *TINY, "data.name=coco", f"data.train.annotations={path}",
             f"data.train.images={folder}", "model.num_classes=1", f"train.output_dir={tmp_path / 'run'}", *extra]
 
 

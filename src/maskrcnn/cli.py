@@ -14,8 +14,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's shipped recipes
-
 
 class CommandError(Exception):
     """A user-facing failure: printed as `maskrcnn <command>: <message>`, exit code 2."""
@@ -176,11 +174,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from maskrcnn.config import load_config
 
-    config_path = Path(args.config) if args.config else CONFIG_DIR / "shapes_demo.yaml"
-    if not config_path.is_file():
-        raise CommandError(f"demo config {config_path} not found: pass --config PATH")
     overrides = list(args.overrides) + ([f"train.output_dir={args.out}"] if args.out else [])
-    return run_demo(load_config(config_path, overrides), pictures=args.pictures)
+    return run_demo(load_config(args.config or "shapes_demo", overrides), pictures=args.pictures)
 
 
 def run_demo(config, *, pictures: int = 8) -> int:
@@ -250,6 +245,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser. `command`: the subcommand about to run; the other parts' subcommands
     (check-data, points) import their module and add their arguments only when they are the
     one, so that `maskrcnn --help` does not import torch."""
+    from maskrcnn.config import recipe_names  # PyYAML and dataclasses only: no torch
+
     parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: detection, instance masks, keypoints.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -259,13 +256,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return sub
 
     demo = add("demo", cmd_demo, "train a small model on the built-in shapes data (CPU, minutes), evaluate, draw, plot")
-    demo.add_argument("--config", help="recipe (default: configs/shapes_demo.yaml)")
+    demo.add_argument("--config", help="recipe: a YAML path or a shipped recipe's name (default: shapes_demo)")
     demo.add_argument("--out", help="output folder (default: the recipe's train.output_dir)")
     demo.add_argument("--pictures", type=int, default=8, help="held-out images to draw predictions on (default: 8)")
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.iterations=100")
 
     train = add("train", cmd_train, "train from a YAML recipe; the resolved config is saved in train.output_dir")
-    train.add_argument("config", help="YAML recipe over the defaults in maskrcnn/config.py")
+    train.add_argument("config", help="YAML recipe over the defaults in maskrcnn/config.py: a path, or the name "
+                       f"of a shipped recipe ({', '.join(recipe_names())})")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=0.01")
     train.add_argument("--resume", action="store_true", help="continue exactly from train.output_dir/last.pth")
 

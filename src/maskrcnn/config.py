@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+RECIPES = Path(__file__).parent / "configs"  # shipped recipes: package data, found without a checkout
+
 
 # --------------------------------------------------------------------------- model
 @dataclass
@@ -290,13 +292,29 @@ def _set_override(data: dict, dotted: str, raw: str) -> None:
     node[parts[-1]] = value
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (src/maskrcnn/configs/, installed as package data)."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A YAML file as given, or a shipped recipe by name (`shapes_demo` or `shapes_demo.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if len(path.parts) == 1 and recipe.is_file():
+        return recipe
+    raise ConfigError(f"config file {name_or_path} does not exist, and it is not one of the shipped recipes "
+                      f"({', '.join(recipe_names())})")  # fmt: skip
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML)."""
+    """Defaults <- YAML file (a path, or a shipped recipe's name) <- `key.sub=value` overrides
+    (values parsed as YAML)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = recipe_path(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
