@@ -87,3 +87,63 @@ def test_local_imagenet_weights(tmp_path):
     torch.save({"nonsense": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="do not fit"):
         ResNetFPN(depth=18, weights=str(path))
+
+
+def _copy_weights_of(theirs: nn.Module, ours: nn.Module) -> None:
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    ours.load_state_dict(state)
+
+
+def test_resnext_body_equals_torchvision_resnext():
+    from torchvision.models import resnext50_32x4d
+
+    from maskrcnn.model.backbone import ResNetBody
+
+    torch.manual_seed(0)
+    theirs = resnext50_32x4d(weights=None).eval()
+    ours = ResNetBody(depth=50, norm="bn", groups=32, width_per_group=4).eval()
+    _copy_weights_of(theirs, ours)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = nn.Sequential(*list(theirs.children())[:-2])(images)
+        torch.testing.assert_close(ours(images)[-1], expected, rtol=1e-5, atol=1e-5)
+    assert ours.layer1[0].conv2.groups == 32 and ours.out_channels == [256, 512, 1024, 2048]
+
+
+def test_stride_in_1x1_moves_the_stride_to_the_first_conv():
+    """detectron2's STRIDE_IN_1X1 (MSRA ResNets) equals torchvision's ResNet-50 with the stride of
+    each stage's first block moved from its 3x3 conv to its 1x1 conv."""
+    from torchvision.models import resnet50
+
+    from maskrcnn.model.backbone import ResNetBody
+
+    torch.manual_seed(0)
+    theirs = resnet50(weights=None).eval()
+    for layer in (theirs.layer2, theirs.layer3, theirs.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    ours = ResNetBody(depth=50, norm="bn", stride_in_1x1=True).eval()
+    _copy_weights_of(theirs, ours)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = nn.Sequential(*list(theirs.children())[:-2])(images)
+        torch.testing.assert_close(ours(images)[-1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_widths_and_detectron2_frozen_bn():
+    """Stem and stage widths of detectron2's RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS; the
+    detectron2 FrozenBN is the same affine map as torchvision's, computed by F.batch_norm."""
+    from maskrcnn.model.backbone import DetectronFrozenBatchNorm2d, ResNetBody
+
+    body = ResNetBody(depth=101, norm="frozen_bn_detectron2", stem_channels=32, res2_channels=64, width_per_group=16)
+    assert body.conv1.out_channels == 32 and body.out_channels == [64, 128, 256, 512]
+    assert [len(body.layer1), len(body.layer2), len(body.layer3), len(body.layer4)] == [3, 4, 23, 3]
+    assert body.layer3[0].conv1.out_channels == 16 * 4
+    g = torch.Generator().manual_seed(0)
+    frozen, detectron = FrozenBatchNorm2d(8), DetectronFrozenBatchNorm2d(8)
+    for buffer in ("weight", "bias", "running_mean", "running_var"):
+        value = torch.rand(8, generator=g) + 0.5
+        getattr(frozen, buffer).copy_(value)
+        getattr(detectron, buffer).copy_(value)
+    x = torch.randn(2, 8, 5, 5, generator=g)
+    torch.testing.assert_close(detectron(x), frozen(x), rtol=1e-6, atol=1e-6)
+    assert list(detectron.state_dict()) == list(frozen.state_dict())

@@ -148,3 +148,20 @@ def test_box_coder_decode_matches_torchvision_for_the_head_weights():
     ours = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0)).decode(deltas, boxes)
     theirs = tv_utils.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, [boxes])
     torch.testing.assert_close(ours, theirs)
+
+
+def test_detectron2_postprocess_keeps_tiny_boxes_and_drops_empty_ones_after_nms():
+    """torchvision drops boxes under 0.01 px before NMS; detectron2 keeps them, and removes boxes
+    with a zero side (clipped against the image border) only after NMS and the top-k."""
+    proposals = [torch.tensor([[10.0, 10, 10.0078125, 20], [30, 30, 40, 40], [55, 5, 70, 15]])]
+    logits = torch.tensor([[0.0, 4.0], [0.0, 3.0], [0.0, 5.0]])  # K = 1, one foreground class
+    kwargs = dict(box_coder=BoxCoder(weights=(10.0, 10.0, 5.0, 5.0)), score_thresh=0.05, nms_thresh=0.5,
+                  detections_per_img=2)
+    results = {
+        postprocess: box_inference(logits, torch.zeros(3, 8), proposals, [(50, 50)], postprocess=postprocess,
+                                   **kwargs)[0]
+        for postprocess in ("torchvision", "detectron2")
+    }
+    # the third box lies right of the 50-px image: clipped to zero width
+    assert results["detectron2"]["boxes"].tolist() == [[10.0, 10, 10.0078125, 20]]  # the top 2 held the empty one
+    assert results["torchvision"]["boxes"].tolist() == [[30.0, 30, 40, 40]]

@@ -13,6 +13,8 @@ import dataclasses
 import gzip
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +138,193 @@ def test_zoo_yaml_gives_the_resolved_settings(shared, name):
     zoo.transform.min_size_test, zoo.transform.max_size = 320, 512
     assert dataclasses.asdict(zoo) == dataclasses.asdict(resolved)
     assert zoo.transform.min_size == [640, 672, 704, 736, 768, 800]  # a tuple written as a string in the zoo file
+
+
+# --------------------------------------------------------------------------- other detectron2 settings
+MASK_MODEL = "mask_rcnn_R_50_FPN"
+
+
+def write_variant(tmp_path: Path, shared: Path, overrides: str, state: dict | None = None,
+                  model: str = MASK_MODEL) -> tuple[Path, Path]:
+    """A config whose _BASE_ is the reference's resolved config.yaml (by absolute path) with
+    `overrides` (YAML) on top, and weights: `state` saved as a DetectionCheckpointer .pth, or the
+    reference's own file."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"_BASE_: {shared / model / 'config.yaml'}\n{overrides}")
+    if state is None:
+        return shared / model / MODELS[model][0], config
+    weights = tmp_path / "model_final.pth"
+    torch.save({"model": state, "iteration": 1}, weights)
+    return weights, config
+
+
+def reference_state(shared: Path, model: str = MASK_MODEL) -> dict:
+    from maskrcnn.checkpoint.detectron2 import read_detectron2_weights
+
+    return {k: v.clone() for k, v in read_detectron2_weights(shared / model / MODELS[model][0]).items()}
+
+
+def detect(weights: Path, config: Path, image: torch.Tensor) -> dict:
+    model = from_detectron2(weights, config)
+    model.transform.min_size_test = min(image.shape[-2:])
+    with torch.no_grad():
+        return model([image])[0]
+
+
+def assert_same_detections(got: dict, expected: dict) -> None:
+    assert got["labels"].tolist() == expected["labels"].tolist()
+    # the reference's tolerances: another channel order sums the stem conv in another order
+    for key, tolerance in (("boxes", 1e-3), ("scores", 1e-4), ("masks", 1e-4)):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=tolerance, msg=key)
+
+
+FEW = "TEST:\n  DETECTIONS_PER_IMAGE: 20\n"  # fewer masks to paste: these tests compare two runs of ours
+
+
+def test_rgb_format_equals_bgr_with_the_channels_swapped(tmp_path, shared):
+    """INPUT.FORMAT RGB with PIXEL_MEAN / PIXEL_STD and the stem's input channels reversed is the
+    same model as the BGR original: the same detections."""
+    image = read_image(shared / MASK_MODEL / "image2.png")
+    expected = detect(*write_variant(tmp_path, shared, FEW), image)
+    state = reference_state(shared)
+    state["backbone.bottom_up.stem.conv1.weight"] = state["backbone.bottom_up.stem.conv1.weight"].flip(1)
+    rgb = write_variant(tmp_path, shared, FEW + "INPUT:\n  FORMAT: RGB\nMODEL:\n"
+                        "  PIXEL_MEAN: [123.675, 116.28, 103.53]\n  PIXEL_STD: [1.0, 1.0, 1.0]\n", state)
+    assert_same_detections(detect(*rgb, image), expected)
+
+
+def test_class_agnostic_masks_and_box_deltas(tmp_path, shared):
+    """CLS_AGNOSTIC_MASK and CLS_AGNOSTIC_BBOX_REG: one mask channel and one set of deltas for every
+    class give what class-specific weights with every class's rows equal to those give."""
+    image = read_image(shared / MASK_MODEL / "image2.png")
+    state = reference_state(shared)
+    mask_w, mask_b = state["roi_heads.mask_head.predictor.weight"], state["roi_heads.mask_head.predictor.bias"]
+    box_w, box_b = state["roi_heads.box_predictor.bbox_pred.weight"], state["roi_heads.box_predictor.bbox_pred.bias"]
+    tied = dict(state)
+    tied["roi_heads.mask_head.predictor.weight"] = mask_w[:1].expand_as(mask_w).clone()
+    tied["roi_heads.mask_head.predictor.bias"] = mask_b[:1].expand_as(mask_b).clone()
+    tied["roi_heads.box_predictor.bbox_pred.weight"] = box_w[:4].repeat(80, 1)
+    tied["roi_heads.box_predictor.bbox_pred.bias"] = box_b[:4].repeat(80)
+    (tmp_path / "tied").mkdir()
+    expected = detect(*write_variant(tmp_path / "tied", shared, FEW, tied), image)
+    agnostic = dict(state)
+    agnostic["roi_heads.mask_head.predictor.weight"], agnostic["roi_heads.mask_head.predictor.bias"] = mask_w[:1], mask_b[:1]
+    agnostic["roi_heads.box_predictor.bbox_pred.weight"] = box_w[:4]
+    agnostic["roi_heads.box_predictor.bbox_pred.bias"] = box_b[:4]
+    (tmp_path / "agnostic").mkdir()
+    overrides = FEW + "MODEL:\n  ROI_MASK_HEAD:\n    CLS_AGNOSTIC_MASK: true\n  ROI_BOX_HEAD:\n    CLS_AGNOSTIC_BBOX_REG: true\n"
+    weights, config = write_variant(tmp_path / "agnostic", shared, overrides, agnostic)
+    model_config, _ = read_detectron2(weights=weights, config=config)
+    assert model_config.mask_head.class_agnostic
+    assert_same_detections(detect(weights, config, image), expected)
+
+
+def test_resnext_without_stride_in_1x1_loads_its_widths(tmp_path, shared):
+    """A ResNeXt (NUM_GROUPS 4, WIDTH_PER_GROUP 8, STRIDE_IN_1X1 false) in detectron2's names:
+    groups and widths come off the weights, the strides off the config, and the backbone computes
+    what the model the weights came from computes."""
+    from maskrcnn.checkpoint.detectron2 import _our_name
+    from maskrcnn.model.backbone import ResNetFPN
+
+    torch.manual_seed(0)
+    source = ResNetFPN(depth=50, norm="frozen_bn", fpn_channels=64, stem_channels=32, res2_channels=64,
+                       groups=4, width_per_group=8).eval()
+    state = reference_state(shared)
+    for name in [n for n in state if n.startswith("backbone.")]:  # the same names, ResNeXt shapes
+        state[name] = source.state_dict()[_our_name(name)[len("backbone."):]].clone()
+    overrides = "MODEL:\n  RESNETS:\n    NUM_GROUPS: 4\n    WIDTH_PER_GROUP: 8\n    STRIDE_IN_1X1: false\n"
+    weights, config = write_variant(tmp_path, shared, overrides, state)
+    model = from_detectron2(weights, config)
+    backbone = model.config.backbone
+    assert (backbone.groups, backbone.width_per_group, backbone.stride_in_1x1) == (4, 8, False)
+    assert model.backbone.body.layer2[0].conv2.stride == (2, 2) and model.backbone.body.layer2[0].conv1.stride == (1, 1)
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for name, expected in source(images).items():
+            torch.testing.assert_close(model.backbone(images)[name], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("MODEL.RESNETS.RES5_DILATION", 2),  # DC5
+    ("MODEL.BACKBONE.NAME", "build_resnet_backbone"),  # C4
+    ("MODEL.ROI_HEADS.NAME", "CascadeROIHeads"),
+    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True]),
+    ("MODEL.META_ARCHITECTURE", "RetinaNet"),
+    ("MODEL.PROPOSAL_GENERATOR.NAME", "RRPN"),
+    ("MODEL.FPN.NORM", "GN"),
+    ("MODEL.ROI_MASK_HEAD.NORM", "GN"),
+    ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIPool"),
+    ("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", True),
+    ("MODEL.ANCHOR_GENERATOR.SIZES", [[32, 64], [64], [128], [256], [512]]),
+    ("INPUT.FORMAT", "L"),
+    ("INPUT.MIN_SIZE_TEST", 0),
+])
+def test_unsupported_settings_are_refused_naming_key_and_value(tmp_path, shared, key, value):
+    parts = key.split(".")
+    overrides = "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(parts[:-1]))
+    overrides += f"{'  ' * (len(parts) - 1)}{parts[-1]}: {json.dumps(value)}\n"
+    weights, config = write_variant(tmp_path, shared, overrides)
+    with pytest.raises(ValueError, match="not supported") as error:
+        read_detectron2(weights=weights, config=config)
+    assert key in str(error.value) and repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ("MODEL:\n  ROI_HEADS:\n    NUM_CLASSES: 5\n", "NUM_CLASSES = 5 but the weights' roi_heads.box_predictor.cls_score has 80"),
+    ("MODEL:\n  MASK_ON: false\n", "MASK_ON = False but the weights have roi_heads.mask_head.predictor.weight"),
+    ("MODEL:\n  RESNETS:\n    DEPTH: 101\n", "DEPTH = 101 is not supported with these weights"),
+    ("MODEL:\n  RESNETS:\n    NUM_GROUPS: 32\n", "NUM_GROUPS = 32 but the weights' res2 3x3 convs have 1 groups"),
+])
+def test_config_that_does_not_fit_the_weights_is_refused(tmp_path, shared, overrides, message):
+    weights, config = write_variant(tmp_path, shared, overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_detectron2(weights=weights, config=config)
+
+
+def test_weights_of_parts_the_loader_does_not_build_are_refused(tmp_path, shared):
+    state = reference_state(shared)
+    state["roi_heads.mask_head.mask_fcn1.norm.weight"] = torch.ones(64)  # a GN mask head the config does not say
+    weights, config = write_variant(tmp_path, shared, "", state)
+    with pytest.raises(ValueError, match=r"1 tensors of parts this loader does not implement.*mask_fcn1\.norm"):
+        read_detectron2(weights=weights, config=config)
+
+
+_CALLED = []
+
+
+def _payload() -> None:  # what a malicious pickle would run
+    _CALLED.append(True)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return _payload, ()
+
+
+def test_pickle_weights_cannot_run_code(tmp_path, shared):
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": {"backbone.x": np.zeros(2, dtype=np.float32)}, "hook": _Exploit()}))
+    with pytest.raises(ValueError, match=r"refused to load test_detectron2\._payload"):
+        read_detectron2(weights=path, config=shared / MASK_MODEL / "config.yaml")
+    assert _CALLED == []
+    # numpy arrays in plain containers do load
+    from maskrcnn.checkpoint.detectron2 import read_pickle_weights
+
+    path.write_bytes(pickle.dumps({"model": {"a": np.arange(3.0, dtype=np.float32)}, "__author__": "zoo"}))
+    assert read_pickle_weights(path)["model"]["a"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_config_file_errors_name_the_file(tmp_path, shared):
+    weights = shared / MASK_MODEL / MODELS[MASK_MODEL][0]
+    missing = tmp_path / "child.yaml"
+    missing.write_text("_BASE_: ../nowhere/Base-RCNN-FPN.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/Base-RCNN-FPN.yaml \(the _BASE_ of .*child.yaml\)"):
+        read_detectron2(weights=weights, config=missing)
+    url = tmp_path / "url.yaml"
+    url.write_text("_BASE_: https://example.com/Base-RCNN-FPN.yaml\n")
+    with pytest.raises(ValueError, match="is a URL"):
+        read_detectron2(weights=weights, config=url)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("_BASE_: loop.yaml\n")
+    with pytest.raises(ValueError, match="loops back"):
+        read_detectron2(weights=weights, config=loop)

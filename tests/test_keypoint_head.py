@@ -125,3 +125,24 @@ def test_heatmaps_to_keypoints_equals_torchvision():
 def test_heatmaps_to_keypoints_empty():
     keypoints, scores = heatmaps_to_keypoints(torch.zeros(0, 17, 56, 56), torch.zeros(0, 4))
     assert keypoints.shape == (0, 17, 3) and scores.shape == (0, 17)
+
+
+def test_detectron2_keypoint_scores_follow_its_formula():
+    """detectron2's score of a keypoint: the resized heatmap's maximum, exp(max - max) = 1, over the
+    sum of exp(heatmap - max) across the S x S cells of the unresized heatmap; written per RoI
+    with F.interpolate here, as detectron2 does. Positions are torchvision's."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    rois = _rois(6, g)
+    heatmaps = torch.randn(6, 3, 14, 14, generator=g) * 2
+    keypoints, scores = heatmaps_to_keypoints(heatmaps, rois, decoding="detectron2")
+    tv_keypoints, _ = tv_heatmaps_to_keypoints(heatmaps, rois)
+    torch.testing.assert_close(keypoints[..., :2], tv_keypoints[..., :2])
+    for i, roi in enumerate(rois):
+        width, height = (roi[2] - roi[0]).clamp(min=1), (roi[3] - roi[1]).clamp(min=1)
+        resized = F.interpolate(heatmaps[i : i + 1], size=(int(height.ceil()), int(width.ceil())), mode="bicubic",
+                                align_corners=False)[0]
+        maximum = resized.flatten(1).max(dim=1).values
+        expected = 1 / (heatmaps[i] - maximum[:, None, None]).exp().sum(dim=(1, 2))
+        torch.testing.assert_close(scores[i], expected, rtol=1e-5, atol=1e-7)

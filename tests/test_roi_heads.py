@@ -313,3 +313,17 @@ def test_point_supervision_with_different_point_counts_per_image():
     logits = heads.mask_head(heads.mask_pooler(features, [first["boxes"]], IMAGE_SIZES[:1]))
     expected = point_mask_loss(logits, first["boxes"], first["point_coords"], first["point_labels"], first["labels"])
     torch.testing.assert_close(losses["loss_mask"], expected)
+
+
+def test_detectron2_level_assignment_at_a_level_boundary():
+    """A box a hair under 112 px (sqrt area): detectron2's floor(4 + log2(s / 224 + eps)) puts it
+    on P2 (level 3 - 1); torchvision's floor(4 + log2(s / 224) + 1e-6) rounds it up to P3."""
+    from maskrcnn.model.roi_heads import MultiLevelRoIAlign
+
+    side = 111.99998  # sqrt(area) / 224 is 2e-7 under 0.5
+    boxes = [torch.tensor([[0.0, 0.0, side, side]])]
+    # P2..P5 of a 1024-px image (strides 4..32), map i filled with the value i: the pooled value names the level
+    features = {name: torch.full((1, 1, 256 // 2**i, 256 // 2**i), float(i)) for i, name in enumerate("0123")}
+    for assignment, level in (("detectron2", 0), ("torchvision", 1)):
+        pooler = MultiLevelRoIAlign(output_size=2, sampling_ratio=2, aligned=True, level_assignment=assignment)
+        assert pooler(features, boxes, [(1024, 1024)]).unique().tolist() == [float(level)], assignment

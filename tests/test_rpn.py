@@ -129,3 +129,39 @@ def test_crowd_regions_are_ignored():
     assert (labels[inside] == 0).all() and inside.sum() > 10
     assert (crowd_labels[inside] == -1).all()
     assert torch.equal(crowd_labels[labels == 1], labels[labels == 1])  # positives are untouched
+
+
+def test_detectron2_anchors_closed_form():
+    """detectron2's DefaultAnchorGenerator: w = sqrt(size^2 / ratio), h = ratio * w, unrounded,
+    centred at (offset + i) * stride with the level's nominal stride."""
+    import math
+
+    generator = AnchorGenerator(sizes=SIZES, aspect_ratios=RATIOS, convention="detectron2", offset=0.5)
+    # a 288 x 384 batch: P6 has ceil(9 / 2) = 5 rows, where torchvision's stride would be 288 // 5 = 57
+    grids = [(72, 96), (36, 48), (18, 24), (9, 12), (5, 6)]
+    anchors = generator((288, 384), [torch.zeros(1, 1, h, w) for h, w in grids])
+    for level, (size, (grid_h, grid_w)) in enumerate(zip(SIZES, grids)):
+        stride = 4 * 2**level
+        assert anchors[level].shape == (grid_h * grid_w * 3, 4)
+        last = anchors[level].view(grid_h, grid_w, 3, 4)[-1, -1]  # the bottom-right location
+        for ratio, box in zip(RATIOS, last.tolist()):
+            w = math.sqrt(size**2 / ratio)
+            h = ratio * w
+            cx, cy = (grid_w - 1 + 0.5) * stride, (grid_h - 1 + 0.5) * stride
+            assert box == pytest.approx([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], abs=1e-4)
+    rounded = AnchorGenerator(sizes=SIZES, aspect_ratios=RATIOS)([288, 384], [torch.zeros(1, 1, 5, 6)])
+    # torchvision: row 1, column 0, ratio 1 sits at y = 288 // 5 = 57, not 64
+    assert rounded[0][(1 * 6 + 0) * 3 + 1].tolist() == [-16.0, 57.0 - 16, 16.0, 57.0 + 16]
+
+
+def test_detectron2_proposal_selection_ranks_by_logit_and_drops_empty_boxes():
+    rpn = RegionProposalNetwork(in_channels=CHANNELS, anchor_sizes=SIZES, aspect_ratios=RATIOS,
+                                **SETTINGS, proposal_selection="detectron2", min_proposal_size=0.0).eval()
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 20, 30], [30, 30, 40, 41], [0, 0, 10, 10.5]]])
+    # logits so large that their sigmoids are all exactly 1.0 in float32: only the logits rank them
+    logits = torch.tensor([[20.0, 40.0, 30.0, 25.0]])
+    assert torch.sigmoid(logits).unique().tolist() == [1.0]
+    selected, selected_logits = rpn.select_proposals(boxes, logits, [(50, 50)], [4])
+    # the zero-width box goes; [0, 0, 10, 10.5] overlaps [0, 0, 10, 10] and has the higher logit
+    assert selected[0].tolist() == [[30.0, 30, 40, 41], [0, 0, 10, 10.5]]
+    assert selected_logits[0].tolist() == [30.0, 25.0]

@@ -113,3 +113,20 @@ def test_bad_images_name_the_image():
         ours([torch.rand(3, 10, 10), torch.rand(10, 10)])
     with pytest.raises(TypeError, match="image 0"):
         ours([torch.zeros(3, 10, 10, dtype=torch.uint8)])
+
+
+def test_detectron2_input_convention_and_rounded_sizes():
+    from maskrcnn.model.transform import ImageTransform, rounded_size
+
+    transform = ImageTransform(min_size=[800], min_size_test=800, max_size=1333, image_mean=[10.0, 20.0, 30.0],
+                               image_std=[2.0, 4.0, 5.0], channel_order="BGR", pixel_scale=255.0,
+                               size_rounding="round").eval()
+    image = torch.rand(3, 6, 8)
+    expected = (image.flip(0) * 255 - torch.tensor([10.0, 20, 30])[:, None, None]) / torch.tensor([2.0, 4, 5])[:, None, None]
+    torch.testing.assert_close(transform.normalize(image), expected)
+    # ResizeShortestEdge: int(side * scale + 0.5), the longer side capped first
+    assert rounded_size((480, 640), 800, 1333) == (800, 1067)  # 1066.67; torchvision's floor gives 1066
+    assert rounded_size((500, 2000), 800, 1333) == (333, 1333)  # capped: 800 * 1333 / 3200 = 333.25
+    assert rounded_size((321, 321), 320, 512) == (320, 320)
+    batch, _ = transform([torch.rand(3, 480, 640)])
+    assert batch.image_sizes == [(800, 1067)]
