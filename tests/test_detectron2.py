@@ -328,3 +328,37 @@ def test_config_file_errors_name_the_file(tmp_path, shared):
     loop.write_text("_BASE_: loop.yaml\n")
     with pytest.raises(ValueError, match="loops back"):
         read_detectron2(weights=weights, config=loop)
+
+
+def test_convert_writes_a_checkpoint_with_coco_names(tmp_path, shared, capsys):
+    """`maskrcnn convert --config`: the checkpoint rebuilds the same model, and an 80-class COCO model
+    carries COCO's 80 categories (label k = the k-th category by ascending id, as detectron2 numbers them)."""
+    from maskrcnn.checkpoint import load_checkpoint
+    from maskrcnn.cli import main
+
+    folder = shared / MASK_MODEL
+    destination = tmp_path / "converted.pth"
+    assert main(["convert", str(folder / "model_final.pkl"), str(destination), "--config", str(folder / "config.yaml")]) == 0
+    assert "80 COCO categories" in capsys.readouterr().out
+    converted, original = load_checkpoint(destination), from_detectron2(folder / "model_final.pkl", folder / "config.yaml")
+    assert converted.label_space[0] == {"label": 1, "id": 1, "name": "person"}
+    assert converted.label_space[-1] == {"label": 80, "id": 90, "name": "toothbrush"}
+    assert dataclasses.asdict(converted.config) == dataclasses.asdict(original.config)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], tensor), name
+    keypoints = shared / "keypoint_rcnn_R_50_FPN"
+    assert from_detectron2(keypoints / "model_final.pth", keypoints / "config.yaml").label_space == [
+        {"label": 1, "id": 1, "name": "person"}]
+    # a model-zoo .pkl without its config is refused in one line
+    assert main(["convert", str(folder / "model_final.pkl"), str(tmp_path / "x.pth")]) == 2
+    assert "needs its config: --config" in capsys.readouterr().err
+
+
+def test_label_table_only_for_models_trained_on_coco():
+    from maskrcnn.checkpoint.detectron2 import detectron2_labels, resolved_config
+    from maskrcnn.config import ModelConfig
+
+    coco = resolved_config({"DATASETS": {"TRAIN": "('coco_2017_train',)"}})  # a zoo file's tuple
+    assert len(detectron2_labels(coco, ModelConfig(num_classes=80))) == 80
+    assert detectron2_labels(resolved_config({"DATASETS": {"TRAIN": ["widgets_train"]}}), ModelConfig(num_classes=80)) is None
+    assert detectron2_labels(coco, ModelConfig(num_classes=3)) is None

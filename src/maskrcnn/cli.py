@@ -159,10 +159,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from maskrcnn.checkpoint.detectron2 import convert_detectron2
     from maskrcnn.checkpoint.torchvision import convert_torchvision
 
+    if args.config is None and Path(args.source).suffix == ".pkl":
+        raise CommandError(f"{args.source}: a detectron2 model-zoo .pkl needs its config: --config CONFIG.yaml")
     try:
-        model = convert_torchvision(args.source, args.destination)
+        if args.config is not None:
+            model = convert_detectron2(weights=args.source, config=args.config, destination=args.destination)
+        else:
+            model = convert_torchvision(args.source, args.destination)
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from None
     labels = f"{len(model.label_space)} COCO categories" if model.label_space else "no label table: labels are numbers"
@@ -306,9 +312,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--example-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="size of the random images traced (any size works afterwards; default: 480 640)")
 
-    convert = add("convert", cmd_convert, "convert a torchvision detection .pth into a maskrcnn checkpoint")
-    convert.add_argument("source", help="torchvision state dict / model file (fasterrcnn/maskrcnn/keypointrcnn R50-FPN)")
+    convert = add("convert", cmd_convert, "convert torchvision or detectron2 weights into a maskrcnn checkpoint")
+    convert.add_argument("source", help="torchvision state dict / model file (fasterrcnn/maskrcnn/keypointrcnn R50-FPN), "
+                                        "or with --config a detectron2 model_final.pkl / .pth")
     convert.add_argument("destination", help="maskrcnn checkpoint to write")
+    convert.add_argument("--config", default=None,
+                         help="detectron2 YAML config of the weights: the config.yaml of its output folder, or a "
+                              "model-zoo file (its _BASE_ files beside it); detectron2 itself is not needed")
 
     for name, module, help_text in (
         ("check-data", "maskrcnn.data.checker", "check a COCO annotation file against its images; list every problem"),

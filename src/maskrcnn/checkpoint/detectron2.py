@@ -42,6 +42,7 @@ from ..config import ModelConfig
 from ..model.mask_rcnn import MaskRCNN, build_model
 from .detectron2_defaults import DETECTRON2_DEFAULTS
 from .format import load_state_dict_checked, read_weights_file, save_checkpoint
+from .label_space import coco_categories, labels_from_categories
 
 FPN_FEATURES = ["res2", "res3", "res4", "res5"]
 RPN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
@@ -126,30 +127,47 @@ def from_detectron2(weights: str | Path, config: str | Path) -> MaskRCNN:
     Takes the same input as every `MaskRCNN` (a list of RGB `[3, H, W]` floats in 0-1) and
     returns labels 1..K for detectron2's classes 0..K-1.
     """
-    model_config, state = read_detectron2(weights=weights, config=config)
+    cfg, model_config, state = _read(weights=weights, config=config)
     model = build_model(model_config)
     load_state_dict_checked(model, state, what=f"detectron2 weights {weights}")
+    model.label_space = detectron2_labels(cfg, model_config)
     return model.eval()
+
+
+def detectron2_labels(cfg: dict, config: ModelConfig) -> list[dict] | None:
+    """The label table of a model trained on COCO (DATASETS.TRAIN names a coco_* set): detectron2
+    numbers COCO's 80 categories contiguously by ascending id, and its keypoint models detect COCO's
+    person. None for other data: labels are then just numbers."""
+    trained_on = [str(name) for name in _as_list(setting(cfg, "DATASETS.TRAIN"))]
+    if not trained_on or not all(name.startswith(("coco_", "keypoints_coco_")) for name in trained_on):
+        return None
+    if config.keypoint_head.enabled and config.num_classes == 1:
+        return [{"label": 1, "id": 1, "name": "person"}]
+    categories = coco_categories()
+    return labels_from_categories(categories) if config.num_classes == len(categories) else None
 
 
 def read_detectron2(*, weights: str | Path, config: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The `ModelConfig` and the state dict in our layout for detectron2 files (what
     `from_detectron2` builds, and what fine-tuning starts from)."""
+    _, model_config, state = _read(weights=weights, config=config)
+    return model_config, state
+
+
+def _read(*, weights: str | Path, config: str | Path) -> tuple[dict, ModelConfig, dict[str, Tensor]]:
     cfg = resolved_config(read_config_file(config))
     where = f"detectron2 config {config}"
     check_supported(cfg, where=where)
     state = read_detectron2_weights(weights)
     model_config = model_config_from(cfg, state, where=where)
-    return model_config, convert_state_dict(state, model_config, weights=weights)
+    return cfg, model_config, convert_state_dict(state, model_config, weights=weights)
 
 
-def convert_detectron2(*, weights: str | Path, config: str | Path, destination: str | Path,
-                       categories: list[dict] | None = None) -> MaskRCNN:
-    """`maskrcnn convert --config`: detectron2 files -> our checkpoint (with `categories`, the
-    label -> category id / name table, when given). Returns the converted model."""
+def convert_detectron2(*, weights: str | Path, config: str | Path, destination: str | Path) -> MaskRCNN:
+    """`maskrcnn convert --config`: detectron2 files -> our checkpoint, with the label -> category
+    id / name table of a COCO model (see `detectron2_labels`). Returns the converted model."""
     model = from_detectron2(weights, config)
-    extra = {"categories": categories} if categories is not None else {}
-    save_checkpoint(destination, model, model_config=model.config, converted_from=str(weights), **extra)
+    save_checkpoint(destination, model, model_config=model.config, converted_from=str(weights))
     return model
 
 

@@ -105,4 +105,5 @@ DETECTRON2_DEFAULTS: dict = {
         "FORMAT": "BGR",
     },
     "TEST": {"DETECTIONS_PER_IMAGE": 100},
+    "DATASETS": {"TRAIN": [], "TEST": []},
 }
