@@ -26,10 +26,9 @@ NO_UPDATES = ["train.lr=0.0", "train.iterations=1", "train.batch_size=2", "train
               "train.log_every=1", "train.tensorboard=false", "train.device=cpu", "data.num_workers=0"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def three_classes(tmp_path_factory):
-    """A COCO-format set with 3 categories: the shapes generator's first three shapes."""
-    root = tmp_path_factory.mktemp("three")
+def three_classes_overrides(root) -> list[str]:
+    """Config overrides for a COCO-format set with 3 categories, written under `root`: the shapes
+    generator's first three shapes."""
     paths = generate_shapes(root / "shapes", num_train=4, num_val=2, image_size=64, seed=1)
     overrides = []
     for split in ("train", "val"):
@@ -39,6 +38,11 @@ def three_classes(tmp_path_factory):
         (root / f"{split}.json").write_text(json.dumps(coco))
         overrides += [f"data.{split}.annotations={root / f'{split}.json'}", f"data.{split}.images={paths[f'{split}_images']}"]
     return ["data.name=coco", "model.num_classes=3", *overrides]
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    return three_classes_overrides(tmp_path_factory.mktemp("three"))
 
 
 def _loaded_as_expected(source: dict, fine_tuned: dict, skipped: set[str]) -> None:

@@ -159,21 +159,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from maskrcnn.checkpoint.detectron2 import convert_detectron2
-    from maskrcnn.checkpoint.torchvision import convert_torchvision
+    from maskrcnn.checkpoint.convert import convert, recipe_path
 
     if args.config is None and Path(args.source).suffix == ".pkl":
         raise CommandError(f"{args.source}: a detectron2 model-zoo .pkl needs its config: --config CONFIG.yaml")
+    categories = _read_json(args.annotations).get("categories") if args.annotations else None
     try:
-        if args.config is not None:
-            model = convert_detectron2(weights=args.source, config=args.config, destination=args.destination)
-        else:
-            model = convert_torchvision(args.source, args.destination)
+        model = convert(args.source, args.destination, detectron2_config=args.config, categories=categories)
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from None
     labels = f"{len(model.label_space)} COCO categories" if model.label_space else "no label table: labels are numbers"
     print(f"converted {args.source} -> {args.destination} ({model.config.num_classes} classes, "
-          f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled}; {labels})")  # fmt: skip
+          f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled}; {labels}); "
+          f"its model as a recipe: {recipe_path(args.destination)}")  # fmt: skip
     return 0
 
 
@@ -313,12 +311,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="size of the random images traced (any size works afterwards; default: 480 640)")
 
     convert = add("convert", cmd_convert, "convert torchvision or detectron2 weights into a maskrcnn checkpoint")
-    convert.add_argument("source", help="torchvision state dict / model file (fasterrcnn/maskrcnn/keypointrcnn R50-FPN), "
-                                        "or with --config a detectron2 model_final.pkl / .pth")
-    convert.add_argument("destination", help="maskrcnn checkpoint to write")
+    convert.add_argument("source", help="torchvision state dict (fasterrcnn/maskrcnn/keypointrcnn R50-FPN, v1 or v2), "
+                                        "or with --config detectron2's model_final.pkl / .pth")  # fmt: skip
+    convert.add_argument("destination", help="maskrcnn checkpoint to write; its model is also written as a recipe "
+                                             "beside it (same name, .yaml) to fine-tune from")  # fmt: skip
     convert.add_argument("--config", default=None,
                          help="detectron2 YAML config of the weights: the config.yaml of its output folder, or a "
                               "model-zoo file (its _BASE_ files beside it); detectron2 itself is not needed")
+    convert.add_argument("--annotations", help="COCO JSON the weights were trained on: its categories become the label "
+                                               "table (default: COCO's for torchvision's and detectron2's COCO "
+                                               "models, else none)")  # fmt: skip
 
     for name, module, help_text in (
         ("check-data", "maskrcnn.data.checker", "check a COCO annotation file against its images; list every problem"),

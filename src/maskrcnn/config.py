@@ -209,6 +209,10 @@ class TrainConfig:
     # weights to start from: our checkpoint or torchvision's .pth; class-dependent predictor
     # tensors of another class count are re-initialised, and the run prints which
     init_weights: str | None = None
+    # detectron2's YAML (config.yaml of the run, or a zoo file) when init_weights is detectron2's
+    # .pkl / .pth; the model section must follow detectron2's conventions: start from the recipe
+    # that `maskrcnn convert --config` writes
+    init_weights_config: str | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Starting a run from other weights (`train.init_weights`): ours, torchvision's, or detectron2's.
+"""Starting a run from other weights (`train.init_weights`): ours, torchvision's, or detectron2's
+(with `train.init_weights_config`, its YAML).
 
 Everything must fit the configured model except the class-dependent predictor tensors, which a
 new data set with another number of classes (or keypoints) cannot reuse: those keep the model's
@@ -40,8 +41,16 @@ class SkippedTensor:
         return f"{self.name} {list(self.source_shape)} -> {list(self.model_shape)} ({self.reason})"
 
 
-def read_source_state(path: str | Path) -> tuple[dict[str, Tensor], str]:
-    """(state dict in our names, what the file is) for one of our checkpoints or torchvision weights."""
+def read_source_state(path: str | Path, *, detectron2_config: str | Path | None = None
+                      ) -> tuple[dict[str, Tensor], str]:
+    """(state dict in our names, what the file is) for one of our checkpoints, torchvision's
+    weights, or detectron2's (which need their YAML config)."""
+    if detectron2_config is not None:
+        from .detectron2 import read_detectron2
+
+        return read_detectron2(weights=path, config=detectron2_config)[1], "detectron2 weights"
+    if Path(path).suffix == ".pkl":
+        raise ValueError(f"{path} looks like detectron2 weights: set train.init_weights_config to its config YAML")
     obj = read_weights_file(path, what="train.init_weights:")
     if is_checkpoint(obj):
         return obj["model"], "a maskrcnn checkpoint"
@@ -81,10 +90,11 @@ def load_fine_tuning_state(model: nn.Module, state: dict[str, Tensor], *, what: 
     return skipped
 
 
-def load_initial_weights(model: nn.Module, path: str | Path) -> tuple[str, list[SkippedTensor]]:
+def load_initial_weights(model: nn.Module, path: str | Path, *, detectron2_config: str | Path | None = None
+                         ) -> tuple[str, list[SkippedTensor]]:
     """`train.init_weights`: (what the file was, the re-initialised tensors)."""
     try:
-        state, kind = read_source_state(path)
+        state, kind = read_source_state(path, detectron2_config=detectron2_config)
         skipped = load_fine_tuning_state(model, state, what=kind)
     except ValueError as error:  # unreadable, not a detection model's weights, or not fitting
         raise WeightsMismatchError(f"train.init_weights: {path} does not fit the configured model: {error}") from None

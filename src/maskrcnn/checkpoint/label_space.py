@@ -50,16 +50,6 @@ def labels_from_categories(categories: Sequence[Mapping]) -> list[dict]:
             for label, c in enumerate(ordered, start=1)]  # fmt: skip
 
 
-def coco_labels_for(num_classes: int) -> list[dict] | None:
-    """The COCO table a model with `num_classes` foreground classes most likely has: torchvision's
-    91 slots for 90, the 80 categories in a row for 80; None for any other count."""
-    if num_classes == len(torchvision_coco_slots()) - 1:
-        return torchvision_coco_labels()
-    if num_classes == len(coco_categories()):
-        return labels_from_categories(coco_categories())
-    return None
-
-
 def checkpoint_labels(checkpoint: Mapping) -> list[dict] | None:
     """A checkpoint's label table: its own `labels`, else the one its training categories imply."""
     if checkpoint.get("labels"):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..model.mask_rcnn import MaskRCNN, build_model
-from .format import load_state_dict_checked, read_weights_file, save_checkpoint
+from .format import load_state_dict_checked, read_weights_file
 from .label_space import torchvision_coco_labels, torchvision_coco_slots, unused_labels
 
 # torchvision name (regex) -> our name. Everything not listed keeps its name (the ResNet body and
@@ -254,7 +254,8 @@ def convert_torchvision_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor
 
 
 def convert_torchvision(source: str | Path, destination: str | Path) -> MaskRCNN:
-    """`maskrcnn convert`: torchvision .pth -> our checkpoint. Returns the converted model."""
-    model = from_torchvision(source)
-    save_checkpoint(destination, model, model_config=model.config, converted_from=str(source))
-    return model
+    """`maskrcnn convert`: torchvision .pth -> our checkpoint (and its recipe, see convert.py).
+    Returns the converted model."""
+    from .convert import convert  # convert.py imports this module
+
+    return convert(source, destination)

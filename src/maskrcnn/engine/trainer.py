@@ -124,12 +124,12 @@ def build_model_from_config(config: Config) -> nn.Module:
     return build_model(config.model)
 
 
-def _load_initial_weights(model: nn.Module, path: str, *, report: bool) -> None:
+def _load_initial_weights(model: nn.Module, path: str, *, detectron2_config: str | None, report: bool) -> None:
     """`train.init_weights`: ours, torchvision's (or detectron2's) weights; class-dependent
     predictor tensors of another shape keep their initialisation, and `report` prints which."""
     from maskrcnn.checkpoint.fine_tune import load_initial_weights
 
-    kind, skipped = load_initial_weights(model, path)
+    kind, skipped = load_initial_weights(model, path, detectron2_config=detectron2_config)
     if report:
         print(f"train.init_weights: {path} ({kind}): loaded all tensors but {len(skipped)}", flush=True)
         for entry in skipped:
@@ -350,7 +350,8 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
     seed_everything(settings.seed)  # the same initial weights on every rank
     model = (model if model is not None else build_model_from_config(config)).to(device)
     if settings.init_weights and not (resume and (output_dir / LAST).exists()):
-        _load_initial_weights(unwrap_model(model), settings.init_weights, report=context.is_main)
+        _load_initial_weights(unwrap_model(model), settings.init_weights,
+                              detectron2_config=settings.init_weights_config, report=context.is_main)
     if train_dataset is None:
         train_dataset, val_dataset = build_datasets(config, context)
     optimizer = build_optimizer(model, settings)
