@@ -107,3 +107,40 @@ def test_balanced_sampler_same_samples_as_torchvision(num_pos, num_neg):
         assert int(p.sum()) == min(num_pos, 64)
         assert int(n.sum()) == min(num_neg, 256 - min(num_pos, 64))
         assert (lab[p] >= 1).all() and (lab[n] == 0).all()
+
+
+@pytest.mark.parametrize("num_boxes,num_classes,k", [(3000, 20, 100), (3000, 3, 1000), (600, 4, 50), (5000, 1, 10)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_batched_nms_top_k_equals_batched_nms_prefix(num_boxes, num_classes, k, ties):
+    from torchvision.ops import batched_nms
+
+    from maskrcnn.model.box_ops import batched_nms_top_k
+
+    g = torch.Generator().manual_seed(num_boxes + k)
+    boxes = random_boxes(num_boxes, size=300.0, generator=g)
+    scores = torch.rand(num_boxes, generator=g)
+    if ties:  # many exactly equal scores, which must come in batched_nms's order
+        scores = (scores * 50).round() / 50
+    idxs = torch.randint(num_classes, (num_boxes,), generator=g)
+    for threshold in (0.3, 0.7):
+        expected = batched_nms(boxes, scores, idxs, threshold)[:k]
+        assert torch.equal(batched_nms_top_k(boxes, scores, idxs, threshold, k), expected)
+    # more survivors wanted than exist: all of them; nothing in: nothing out
+    assert torch.equal(batched_nms_top_k(boxes, scores, idxs, 0.5, 10**6), batched_nms(boxes, scores, idxs, 0.5))
+    empty = batched_nms_top_k(boxes[:0], scores[:0], idxs[:0], 0.5, k)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+
+
+def test_batched_nms_top_k_stops_early(monkeypatch):
+    """With distinct scores and many survivors it never runs NMS on the whole list."""
+    from maskrcnn.model import box_ops
+
+    g = torch.Generator().manual_seed(0)
+    boxes, scores = random_boxes(20000, size=2000.0, generator=g), torch.rand(20000, generator=g)
+    idxs = torch.randint(10, (20000,), generator=g)
+    sizes = []
+    real = box_ops._nms_per_class
+    monkeypatch.setattr(box_ops, "_nms_per_class", lambda b, *a: sizes.append(len(b)) or real(b, *a))
+    monkeypatch.setattr(box_ops, "batched_nms", lambda *a: pytest.fail("ran NMS on all candidates"))
+    assert len(box_ops.batched_nms_top_k(boxes, scores, idxs, 0.5, 100)) == 100
+    assert sizes == [box_ops._FIRST_PREFIX]

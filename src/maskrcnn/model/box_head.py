@@ -21,9 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import Conv2dNormActivation, clip_boxes_to_image, remove_small_boxes
 
-from maskrcnn.model.box_ops import BoxCoder
+from maskrcnn.model.box_ops import BoxCoder, batched_nms_top_k
 
 NORMS = ("none", "bn", "gn")
 BOX_POSTPROCESSES = ("torchvision", "detectron2")
@@ -142,7 +142,8 @@ def box_inference(
 
     Softmax scores; one decoded box per (proposal, foreground class), clipped to the image; a
     (proposal, class) pair is kept when its score > `score_thresh`; NMS runs per class
-    (`batched_nms`); the `detections_per_img` best survive. `suppressed_labels` are never
+    (`batched_nms`); the `detections_per_img` best survive (`batched_nms_top_k`: the same boxes,
+    without suppressing the candidates below them). `suppressed_labels` are never
     candidates (class slots that stand for no category). Degenerate boxes: `postprocess`
     "torchvision" drops boxes narrower or shorter than 0.01 px before NMS; "detectron2" keeps them
     through NMS and the top-k and drops the empty ones (a side of 0 after clipping) at the end,
@@ -169,7 +170,7 @@ def box_inference(
         if postprocess == "torchvision":
             keep = remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        keep = batched_nms_top_k(boxes, scores, labels, nms_thresh, detections_per_img)
         if postprocess == "detectron2":
             keep = keep[((boxes[keep, 2:] - boxes[keep, :2]) > 0).all(dim=1)]
         detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms, nms
 
 # Box deltas larger than this would make exp() overflow a box to an absurd size; torchvision and
 # detectron2 both clamp dw, dh at log(1000 / 16): a box can grow at most 62.5x per decoding.
@@ -178,3 +179,51 @@ class BalancedSampler:
         """One `sample` per image, in order (the order fixes which random numbers each image uses)."""
         samples = [self.sample(labels) for labels in labels_per_image]
         return [pos for pos, _ in samples], [neg for _, neg in samples]
+
+
+# torchvision's batched_nms runs one NMS per class above this many box coordinates (CPU; CUDA
+# 100k) and the coordinate-offset trick below it; the two can differ in the last float bit of an
+# IoU, so batched_nms_top_k takes the same path to give the same boxes.
+_PER_CLASS_NMS_ABOVE = {"cpu": 4000}
+_DEFAULT_PER_CLASS_NMS_ABOVE = 100_000
+_FIRST_PREFIX = 1024  # candidates tried first by batched_nms_top_k; x4 per retry
+
+
+def batched_nms_top_k(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, k: int) -> Tensor:
+    """`torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]`, the same indices,
+    without suppressing the whole candidate list when only the best `k` survivors are wanted.
+
+    Greedy NMS decides on a box from the boxes scored above (or tied with) it alone, so NMS on the
+    best candidates keeps exactly the full run's survivors among them; once that prefix yields `k`
+    survivors with distinct scores, they are the full run's first `k`, in its order. (Survivors
+    with equal scores come in the order of torchvision's unstable sort over all of them: then the
+    full run is done.) The prefix grows 4x until it suffices. boxes `[N, 4]`, scores `[N]`, idxs
+    `[N]` (class or level); returns int64 indices `[min(k, kept)]`, best first.
+    """
+    per_class_above = _PER_CLASS_NMS_ABOVE.get(boxes.device.type, _DEFAULT_PER_CLASS_NMS_ABOVE)
+    if boxes.numel() <= per_class_above or len(scores) <= _FIRST_PREFIX or torch.jit.is_tracing():
+        return batched_nms(boxes, scores, idxs, iou_threshold)[:k]
+    sorted_scores, order = scores.sort(descending=True, stable=True)
+    size = _FIRST_PREFIX
+    while size < len(scores):
+        # every candidate tied with the last one of the prefix joins it
+        size = int((sorted_scores >= sorted_scores[size - 1]).sum())
+        prefix = order[:size].sort().values  # in the input's order, as the full run sees them
+        keep = _nms_per_class(boxes[prefix], scores[prefix], idxs[prefix], iou_threshold)
+        if len(keep) >= k:
+            top = scores[prefix[keep[: k + 1]]]
+            if bool((top[1:] < top[:-1]).all()):
+                return prefix[keep[:k]]
+            break  # tied survivors: only the full run knows their order
+        size *= 4
+    return batched_nms(boxes, scores, idxs, iou_threshold)[:k]
+
+
+def _nms_per_class(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """One `nms` per class, survivors sorted by score: the path batched_nms takes for many boxes."""
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    for class_id in torch.unique(idxs):
+        in_class = torch.where(idxs == class_id)[0]
+        keep_mask[in_class[nms(boxes[in_class], scores[in_class], iou_threshold)]] = True
+    kept = torch.where(keep_mask)[0]
+    return kept[scores[kept].sort(descending=True)[1]]

@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes
 
-from .box_ops import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, BoxCoder, Matcher, ignore_crowd
+from .box_ops import (
+    BELOW_LOW_THRESHOLD,
+    BETWEEN_THRESHOLDS,
+    BalancedSampler,
+    BoxCoder,
+    Matcher,
+    batched_nms_top_k,
+    ignore_crowd,
+)
 from .transform import ImageBatch
 
 # Proposals narrower or shorter than this (in pixels) are dropped: they cannot be RoIAligned sensibly.
@@ -247,8 +255,8 @@ class RegionProposalNetwork(nn.Module):
                 keep = remove_small_boxes(image_boxes, self.min_proposal_size)
                 ranking = torch.sigmoid(image_logits)
                 keep = keep[ranking[keep] >= self.score_thresh]
-            keep = keep[batched_nms(image_boxes[keep], ranking[keep], levels[keep], self.nms_thresh)]
-            keep = keep[: self.post_nms_top_n[mode]]
+            keep = keep[batched_nms_top_k(image_boxes[keep], ranking[keep], levels[keep], self.nms_thresh,
+                                          self.post_nms_top_n[mode])]  # fmt: skip
             selected.append(image_boxes[keep])
             selected_logits.append(image_logits[keep])
         return selected, selected_logits
