@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from maskrcnn.model.box_head import conv3x3_norm_relu
+from maskrcnn.model.threads import thread_pool
 
 MASK_ARCHITECTURES = ("fcn", "deep_fcn", "resnet", "hourglass")
 _NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
@@ -258,3 +259,40 @@ def _paste_group(
     # here never overlap, so every pixel is written at most once, by one row copy.
     windows = pasted.view(-1, width).unfold(1, window, 1)  # [N * H, W - window + 1, window]
     windows[group[owner] * height + rows, window_start[owner]] = values.to(pasted.dtype)
+
+
+def paste_masks_per_box(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, *, num_threads: int = 1
+) -> Tensor:
+    """torchvision's `paste_masks_in_image` to the bit: `masks [N, 1, M, M]` over `boxes [N, 4]`
+    -> `[N, 1, H, W]`, one `F.interpolate` per mask to its truncated box, as torchvision does.
+
+    For the strict CPU mode, whose outputs must equal torchvision's: `paste_masks` computes the same
+    interpolation separably and differs in the last bits. Unlike torchvision this writes into one
+    zeroed `[N, 1, H, W]` instead of stacking N zeroed images, and spreads the masks over
+    `num_threads` threads (each interpolation is single-threaded and releases the GIL).
+    """
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    height, width = image_size
+    pasted = torch.zeros((len(masks), 1, height, width), dtype=masks.dtype, device=masks.device)
+    if len(masks) == 0:
+        return pasted
+    padded, scale = expand_masks(masks, padding=padding)  # [N, 1, P, P], P = M + 2 * padding
+    integer_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()  # ends inclusive
+
+    def paste(indices: range) -> None:
+        for index in indices:
+            x0, y0, x1, y1 = integer_boxes[index]
+            size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+            resized = F.interpolate(padded[index : index + 1], size=size, mode="bilinear", align_corners=False)
+            left, right, top, bottom = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+            if right > left and bottom > top:
+                pasted[index, 0, top:bottom, left:right] = resized[0, 0, top - y0 : bottom - y0, left - x0 : right - x0]
+
+    if num_threads <= 1 or masks.device.type != "cpu":
+        paste(range(len(masks)))
+    else:
+        chunks = [range(start, len(masks), num_threads) for start in range(num_threads)]
+        list(thread_pool(num_threads).map(paste, chunks))
+    return pasted

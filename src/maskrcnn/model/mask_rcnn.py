@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .backbone import ResNetFPN
-from .mask_head import paste_masks
+from .mask_head import paste_masks, paste_masks_per_box
 from .roi_heads import build_roi_heads
 from .rpn import RegionProposalNetwork
 from .transform import ImageTransform
@@ -52,6 +52,9 @@ class MaskRCNN(nn.Module):
         self.num_keypoints = num_keypoints
         self.mask_supervision = mask_supervision
         self.paste_aligned = paste_aligned
+        # > 0: paste torchvision's way (its exact numbers) in that many threads; the strict CPU
+        # inference mode sets it (engine/cpu_inference.py). 0: the batched paste_masks.
+        self.paste_per_box_threads = 0
 
     def forward(
         self, images: list[Tensor], targets: list[dict] | None = None
@@ -102,7 +105,14 @@ class MaskRCNN(nn.Module):
         """Boxes and keypoints back to each image's own size; masks pasted into it."""
         detections = self.transform.postprocess(detections, image_sizes, original_sizes)
         for detection, size in zip(detections, original_sizes):
-            if "masks" in detection:  # [N, 1, M, M] probabilities over each box -> [N, 1, H, W] images
+            if "masks" not in detection:
+                continue
+            # [N, 1, M, M] probabilities over each box -> [N, 1, H, W] images
+            if self.paste_per_box_threads > 0 and not self.paste_aligned:
+                detection["masks"] = paste_masks_per_box(
+                    detection["masks"], detection["boxes"], size, padding=1, num_threads=self.paste_per_box_threads
+                )
+            else:
                 detection["masks"] = paste_masks(
                     detection["masks"], detection["boxes"], size, padding=1, aligned=self.paste_aligned
                 )

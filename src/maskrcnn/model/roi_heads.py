@@ -32,6 +32,7 @@ from maskrcnn.model.box_ops import (
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets
 from maskrcnn.model.roi_align import roi_align
+from maskrcnn.model.threads import thread_pool
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5 (P6 only feeds the RPN)
 LEVEL_ASSIGNMENTS = ("torchvision", "detectron2")
@@ -48,7 +49,8 @@ class MultiLevelRoIAlign(nn.Module):
     "detectron2" adds float64's epsilon inside the logarithm (in float32, nothing).
 
     features: name -> `[B, C, Hl, Wl]`; boxes: per image `[Ri, 4]` in input-image pixels;
-    returns `[sum Ri, C, S, S]` in the order of the boxes.
+    returns `[sum Ri, C, S, S]` in the order of the boxes. With `num_threads > 1`, CPU inference
+    splits each level's boxes over that many threads (the same numbers: each box is pooled alone).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class MultiLevelRoIAlign(nn.Module):
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.num_threads = 1  # > 1: CPU inference pools in that many threads (optimize_for_cpu sets it)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         maps = [features[name] for name in self.featmap_names]
@@ -91,17 +94,25 @@ class MultiLevelRoIAlign(nn.Module):
         level = level.clamp(min=first_level, max=last_level).to(torch.int64) - first_level
 
         pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))
-        for index, (feature_map, scale) in enumerate(zip(maps, scales)):  # loop over the 4 levels
-            on_level = torch.where(level == index)[0]
-            pooled[on_level] = roi_align(
-                feature_map,
-                rois[on_level],
-                self.output_size,
-                spatial_scale=scale,
-                sampling_ratio=self.sampling_ratio,
-                aligned=self.aligned,
-            ).to(pooled.dtype)
+        # Per level (4), or per level and share of its boxes when pooling in threads: (boxes, map, scale).
+        shares = self.num_threads if self._in_threads(maps[0]) else 1
+        jobs = [(share, feature_map, scale) for index, (feature_map, scale) in enumerate(zip(maps, scales))
+                for share in torch.where(level == index)[0].chunk(shares)]  # fmt: skip
+
+        def pool(job: tuple[Tensor, Tensor, float]) -> Tensor:
+            on_level, feature_map, scale = job
+            return roi_align(feature_map, rois[on_level], self.output_size, spatial_scale=scale,
+                             sampling_ratio=self.sampling_ratio, aligned=self.aligned)  # fmt: skip
+
+        results = map(pool, jobs) if shares == 1 else thread_pool(shares).map(pool, jobs)
+        for (on_level, _, _), result in zip(jobs, results):
+            pooled[on_level] = result.to(pooled.dtype)
         return pooled
+
+    def _in_threads(self, feature_map: Tensor) -> bool:
+        # torchvision's CPU kernel runs on one core and releases the GIL: threads split the boxes.
+        # Inference only: the autograd graph of a threaded call is not worth the risk.
+        return self.num_threads > 1 and feature_map.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 @dataclass
