@@ -16,6 +16,8 @@ _LAZY = {
     "export_model": "maskrcnn.export",
     "Config": "maskrcnn.config",
     "load_config": "maskrcnn.config",
+    "optimize_for_cpu": "maskrcnn.engine.cpu_inference",
+    "INFERENCE_MODES": "maskrcnn.engine.cpu_inference",
 }
 
 

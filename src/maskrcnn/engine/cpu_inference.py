@@ -1,0 +1,163 @@
+"""Fast CPU inference: `optimize_for_cpu(model, mode=...)` returns a copy of a MaskRCNN for the CPU.
+
+Modes (`INFERENCE_MODES`):
+
+- "eager": the model as built (already with the exact early-stop NMS, `box_ops.batched_nms_top_k`).
+- "strict": outputs identical to the eager model and to torchvision's on the same weights.
+  glibc's allocator kept off mmap (large tensors reuse the heap instead of fresh pages that fault in
+  on first write; process-wide, see `keep_allocator_off_mmap`), convolutions of the ResNet body and
+  the mask head on weights reordered once for oneDNN (`model/onednn.PrepackedConv2d`, exact),
+  `roi_align` split over threads, masks pasted torchvision's way (its exact numbers) in threads.
+- "fast" (the default): strict's allocator and threads, plus every convolution with its frozen
+  BatchNorm folded in and ReLU / residual addition fused into one oneDNN call on channels_last
+  activations (`FusedConv2d`). Within float tolerance of the eager model; masks pasted batched.
+- "bf16": fast, with the convolutions and fully connected layers in bfloat16 on CPUs whose AMX
+  units do bf16 (the `amx_bf16` CPU flag). Anchors, box decoding, NMS, RoIAlign and pasting stay
+  fp32. Without AMX it falls back to "fast" and warns: bf16 there is slower than fp32.
+
+Nothing is compiled: the modules are rebuilt eagerly in about a second, so there is no warm-up or
+compile cache to manage; the first call is slower only by oneDNN's own primitive creation.
+The returned model is for inference only (no gradients; its state_dict lacks the fused weights:
+save the original model).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from maskrcnn.model.onednn import fuse_convs, fuse_resnet_stem, prepack_convs, to_layout
+
+INFERENCE_MODES = ("eager", "strict", "fast", "bf16")
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_KEEP_FREED_BYTES = 2**31 - 1  # the largest int: freed heap memory is never given back
+
+
+def has_fast_bf16(cpu_flags: Iterable[str] | None = None) -> bool:
+    """Whether bf16 matrix products are fast here: AMX bf16 (`amx_bf16` in /proc/cpuinfo's flags;
+    pass `cpu_flags` to decide for another CPU, e.g. in tests) and oneDNN's bf16 kernels."""
+    if cpu_flags is None:
+        cpu_flags = read_cpu_flags()
+    return "amx_bf16" in set(cpu_flags) and torch.backends.mkldnn.is_available()
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo does not exist, e.g. macOS)."""
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def keep_allocator_off_mmap() -> bool:
+    """Make glibc's malloc serve large blocks from the heap and keep freed memory (process-wide).
+
+    By default every tensor above ~32 MB is a fresh mmap: its pages fault in (and are zeroed by the
+    kernel) on first write, and are unmapped again when freed, once per tensor per image. Kept on
+    the heap, the pages are reused from one image to the next. Returns False where the C library
+    is not glibc (nothing is changed there).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
+def optimize_for_cpu(
+    model: nn.Module,
+    *,
+    mode: str = "fast",
+    num_threads: int | None = None,
+    cpu_flags: Iterable[str] | None = None,
+) -> nn.Module:
+    """A copy of `model` (a MaskRCNN) set up for CPU inference in `mode` (see the module docstring).
+
+    `num_threads` (default `torch.get_num_threads()`) is how many threads pool RoIs and paste
+    masks; `cpu_flags` overrides the CPU's flags for the bf16 check. The copy is in eval mode and
+    carries `inference_mode`, the mode it actually got (bf16 may fall back to "fast").
+    """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"inference mode {mode!r} is not one of {INFERENCE_MODES}")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("optimize_for_cpu: the model is not on the CPU (call model.cpu() first)")
+    if mode == "bf16" and not has_fast_bf16(cpu_flags):
+        warnings.warn("inference mode 'bf16': this CPU has no AMX bf16 (amx_bf16 flag), where bf16 is slower "
+                      "than fp32; using the 'fast' mode (fp32) instead", stacklevel=2)  # fmt: skip
+        mode = "fast"
+    optimized = copy.deepcopy(model).eval()
+    optimized.inference_mode = mode
+    if mode == "eager":
+        return optimized
+    for parameter in optimized.parameters():
+        parameter.requires_grad_(False)
+    keep_allocator_off_mmap()
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    for pooler in _poolers(optimized):
+        pooler.num_threads = threads
+    if mode == "strict":
+        prepack_convs(optimized.backbone.body)
+        if optimized.roi_heads.mask_head is not None:
+            prepack_convs(optimized.roi_heads.mask_head)
+        optimized.paste_per_box_threads = threads
+        return optimized
+    _fuse(optimized, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
+    return optimized
+
+
+def _poolers(model: nn.Module) -> list[nn.Module]:
+    heads = model.roi_heads
+    poolers = [heads.box_pooler, getattr(heads, "mask_pooler", None), getattr(heads, "keypoint_pooler", None)]
+    return [p for p in poolers if p is not None]
+
+
+def _fuse(model: nn.Module, *, dtype: torch.dtype) -> None:
+    """Fused oneDNN convs in `dtype` for the backbone and the heads; fp32 between the stages."""
+    backbone, heads = model.backbone, model.roi_heads
+    fuse_resnet_stem(backbone.body, dtype=dtype)
+    fuse_convs(backbone, dtype=dtype)
+    fuse_convs(model.rpn.head, dtype=dtype)
+    # the backbone computes in `dtype` on channels_last; its features go on in fp32 (RoIAlign, anchors)
+    _cast_around(backbone, dtype, torch.float32, channels_last=True)
+    _cast_around(model.rpn.head, dtype, torch.float32, channels_last=True)
+    for name in ("mask_head", "keypoint_head"):
+        head = getattr(heads, name, None)
+        if head is not None:
+            fuse_convs(head, dtype=dtype)
+            _cast_around(head.to(dtype), dtype, torch.float32, channels_last=True)
+    if dtype != torch.float32:  # the box head's fully connected layers: bf16 matmuls (AMX)
+        _cast_around(heads.box_head.to(dtype), dtype, dtype, channels_last=False)
+        _cast_around(heads.box_predictor.to(dtype), dtype, torch.float32, channels_last=False)
+
+
+def _cast_around(module: nn.Module, inputs: torch.dtype, outputs: torch.dtype, *, channels_last: bool) -> None:
+    """Hooks that cast `module`'s float tensor inputs to `inputs` (channels_last when asked) and
+    its float tensor outputs (also inside lists, tuples and dicts) to `outputs`."""
+
+    def cast(value, dtype, layout):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if layout and value.dim() == 4:
+                return to_layout(value, dtype)
+            return value.to(dtype)
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v, dtype, layout) for v in value)
+        if isinstance(value, dict):
+            return type(value)((k, cast(v, dtype, layout)) for k, v in value.items())
+        return value
+
+    module.register_forward_pre_hook(lambda _, args: cast(args, inputs, channels_last))
+    module.register_forward_hook(lambda _, args, output: cast(output, outputs, False))
