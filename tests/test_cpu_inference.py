@@ -16,7 +16,7 @@ from torchvision.ops import box_iou
 
 from maskrcnn.engine.cpu_inference import has_fast_bf16, optimize_for_cpu, read_cpu_flags
 from maskrcnn.model.onednn import FusedConv2d, PrepackedConv2d
-from maskrcnn.model.weights import from_torchvision
+from maskrcnn.checkpoint.torchvision import from_torchvision
 
 SETTINGS = dict(min_size=96, max_size=160, box_score_thresh=0.0, box_detections_per_img=20,
                 rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=200)
@@ -147,3 +147,27 @@ def test_cpu_flags_and_bad_arguments(tmp_path, ours):
     assert read_cpu_flags(str(tmp_path / "missing")) == set()
     with pytest.raises(ValueError, match="not one of"):
         optimize_for_cpu(ours, mode="turbo")
+
+
+def test_fast_and_bf16_run_a_group_norm_model():
+    """GroupNorm (the demo's backbone and heads) cannot be folded: those blocks run eagerly, in bf16 too."""
+    from maskrcnn.config import ModelConfig
+    from maskrcnn.model.mask_rcnn import build_model
+
+    config = ModelConfig(num_classes=3)
+    config.backbone.depth, config.backbone.norm, config.backbone.fpn_channels = 18, "gn", 32
+    config.mask_head.norm, config.transform.min_size, config.transform.min_size_test = "gn", [64], 64
+    config.transform.max_size = 96
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    images = make_images()
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        features, expected = model.backbone(batch.tensors), model(images)
+        for mode, tolerance in (("fast", 1e-4), ("bf16", 5e-2)):
+            optimized = optimize_for_cpu(model, mode=mode, cpu_flags={"amx_bf16"})
+            for name, value in optimized.backbone(batch.tensors).items():
+                assert value.dtype == torch.float32
+                assert_close_to_scale(value, features[name], tolerance)
+            for g, e in zip(optimized(images), expected):
+                assert set(g) == set(e) and g["masks"].shape == (len(g["boxes"]), 1, *e["masks"].shape[-2:])

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from maskrcnn.model.onednn import fuse_convs, fuse_resnet_stem, prepack_convs, to_layout
+from maskrcnn.model.onednn import FusedConv2d, fuse_convs, fuse_resnet_stem, prepack_convs, to_layout
 
 INFERENCE_MODES = ("eager", "strict", "fast", "bf16")
 
@@ -126,22 +126,37 @@ def _poolers(model: nn.Module) -> list[nn.Module]:
 
 
 def _fuse(model: nn.Module, *, dtype: torch.dtype) -> None:
-    """Fused oneDNN convs in `dtype` for the backbone and the heads; fp32 between the stages."""
+    """Fused oneDNN convs in `dtype` for the backbone and the heads; fp32 between the stages.
+    What cannot be fused (GroupNorm blocks, the mask head's deconvolution) runs eagerly in `dtype`."""
     backbone, heads = model.backbone, model.roi_heads
     fuse_resnet_stem(backbone.body, dtype=dtype)
     fuse_convs(backbone, dtype=dtype)
     fuse_convs(model.rpn.head, dtype=dtype)
     # the backbone computes in `dtype` on channels_last; its features go on in fp32 (RoIAlign, anchors)
-    _cast_around(backbone, dtype, torch.float32, channels_last=True)
-    _cast_around(model.rpn.head, dtype, torch.float32, channels_last=True)
+    _cast_around(_cast_unfused(backbone, dtype), dtype, torch.float32, channels_last=True)
+    _cast_around(_cast_unfused(model.rpn.head, dtype), dtype, torch.float32, channels_last=True)
     for name in ("mask_head", "keypoint_head"):
         head = getattr(heads, name, None)
         if head is not None:
             fuse_convs(head, dtype=dtype)
-            _cast_around(head.to(dtype), dtype, torch.float32, channels_last=True)
+            _cast_around(_cast_unfused(head, dtype), dtype, torch.float32, channels_last=True)
     if dtype != torch.float32:  # the box head's fully connected layers: bf16 matmuls (AMX)
-        _cast_around(heads.box_head.to(dtype), dtype, dtype, channels_last=False)
-        _cast_around(heads.box_predictor.to(dtype), dtype, torch.float32, channels_last=False)
+        _cast_around(_cast_unfused(heads.box_head, dtype), dtype, dtype, channels_last=False)
+        _cast_around(_cast_unfused(heads.box_predictor, dtype), dtype, torch.float32, channels_last=False)
+
+
+def _cast_unfused(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the float parameters and buffers of `module` to `dtype`, except inside the fused convs
+    (their weights are already packed in `dtype`); returns `module`."""
+    for child in module.modules():
+        if isinstance(child, FusedConv2d):
+            continue
+        for tensors in (child._parameters, child._buffers):
+            for key, value in tensors.items():
+                if value is not None and value.is_floating_point() and value.dtype != dtype:
+                    tensors[key] = value.to(dtype) if key in child._buffers else nn.Parameter(
+                        value.detach().to(dtype), requires_grad=False)
+    return module
 
 
 def _cast_around(module: nn.Module, inputs: torch.dtype, outputs: torch.dtype, *, channels_last: bool) -> None:
