@@ -1,29 +1,42 @@
-"""Whole-model inference: our MaskRCNN against torchvision's with the same weights, in one process.
+"""Whole-model CPU inference: torchvision's Mask R-CNN against ours (eager and the optimize_for_cpu
+modes) on the same seeded weights, at the real size by default (one 480 x 640 image, 800 px inside).
 
-    .venv/bin/python benchmarks/inference_vs_torchvision.py                 # maskrcnn, CPU
-    .venv/bin/python benchmarks/inference_vs_torchvision.py --arch keypointrcnn --device cuda
+    .venv/bin/python benchmarks/inference_vs_torchvision.py                        # all modes
+    .venv/bin/python benchmarks/inference_vs_torchvision.py --modes strict,fast --repeats 5
+    .venv/bin/python benchmarks/inference_vs_torchvision.py --arch keypointrcnn --modes eager
 
-Builds torchvision's `<arch>_resnet50_fpn` with seeded random weights (nothing is downloaded),
-converts it with `maskrcnn.from_torchvision`, runs both on the same images, prints the median time
-of each, the ratio, and whether the outputs agree (max difference of boxes, scores, masks, keypoints).
+One process, the models run interleaved (so that a change in the machine's load hits all alike):
+median per-stage times, ratios against torchvision, and how the outputs compare (strict: equal end
+to end; fast / bf16: each stage on torchvision's own inputs, as tests/test_cpu_inference.py).
+The allocator setting is process-wide, so in that process it is left alone and measured apart:
+`--processes N` alternates N processes with glibc's default allocator and N with
+`keep_allocator_off_mmap`, each timing torchvision and the modes, and prints the ratios.
+Nothing is downloaded: torchvision's model has seeded random weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torchvision
 
 from maskrcnn.checkpoint.torchvision import from_torchvision
+from maskrcnn.engine import cpu_inference
+from maskrcnn.engine.cpu_inference import optimize_for_cpu
 
 BUILDERS = {
     "fasterrcnn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
     "maskrcnn": torchvision.models.detection.maskrcnn_resnet50_fpn,
     "keypointrcnn": torchvision.models.detection.keypointrcnn_resnet50_fpn,
 }
+STAGES = ("transform", "backbone", "rpn", "roi_heads", "postprocess")
 
 
 def build_torchvision(arch: str, seed: int, min_size: int, max_size: int) -> torch.nn.Module:
@@ -38,72 +51,210 @@ def build_torchvision(arch: str, seed: int, min_size: int, max_size: int) -> tor
     return model.eval()
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
-    times, output = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def staged_torchvision(model, images) -> tuple[dict[str, float], list[dict]]:
+    """torchvision's GeneralizedRCNN.forward in eval mode, one timed stage at a time."""
+    times, clock = {}, Clock()
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    batch, _ = model.transform(images)
+    times["transform"] = clock.lap()
+    features = model.backbone(batch.tensors)
+    times["backbone"] = clock.lap()
+    proposals, _ = model.rpn(batch, features)
+    times["rpn"] = clock.lap()
+    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    times["roi_heads"] = clock.lap()
+    detections = model.transform.postprocess(detections, batch.image_sizes, original_sizes)
+    times["postprocess"] = clock.lap()
+    return times, detections
+
+
+def staged_ours(model, images) -> tuple[dict[str, float], list[dict]]:
+    """Our MaskRCNN.forward in eval mode, one timed stage at a time (postprocess includes pasting)."""
+    times, clock = {}, Clock()
+    original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    batch, _ = model.transform(images)
+    times["transform"] = clock.lap()
+    features = model.backbone(batch.tensors)
+    times["backbone"] = clock.lap()
+    proposals, _ = model.rpn(batch, features)
+    times["rpn"] = clock.lap()
+    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    times["roi_heads"] = clock.lap()
+    detections = model._to_original_size(detections, batch.image_sizes, original_sizes)
+    times["postprocess"] = clock.lap()
+    return times, detections
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def build_all(args) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    theirs = build_torchvision(args.arch, args.seed, args.size, args.max_size)
+    ours = from_torchvision(theirs)
+    # a 91-slot COCO head: ours never predicts the N/A slots, torchvision's own model does; the
+    # comparison needs the same candidates
+    ours.roi_heads.suppressed_labels = ()
+    models = {}
+    for mode in args.modes:
         start = time.perf_counter()
-        with torch.no_grad():
-            output = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), output
+        models[mode] = optimize_for_cpu(ours, mode=mode, tune_allocator=False)  # see child()
+        print(f"optimize_for_cpu(mode={mode!r}): {time.perf_counter() - start:.1f} s "
+              f"(got {models[mode].inference_mode!r})", flush=True)  # fmt: skip
+    return theirs, models
 
 
-def max_difference(ours: list[dict], theirs: list[dict]) -> dict[str, float]:
-    differences: dict[str, float] = {}
-    for mine, reference in zip(ours, theirs):
-        for key in reference:
-            if mine[key].shape != reference[key].shape:
-                differences[key] = float("inf")
-                continue
-            if mine[key].numel():
-                diff = (mine[key].float() - reference[key].float()).abs().max().item()
-                differences[key] = max(differences.get(key, 0.0), diff)
-    return differences
+def make_images(args) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    return [torch.rand(3, args.height, args.width, generator=generator) for _ in range(args.images)]
+
+
+def interleaved(theirs, models, images, repeats) -> tuple[dict, dict]:
+    """Per-stage median seconds of every model, runs interleaved; and each model's last outputs."""
+    runs = {"torchvision": (staged_torchvision, theirs)} | {m: (staged_ours, model) for m, model in models.items()}
+    samples = {name: [] for name in runs}
+    outputs = {}
+    with torch.no_grad():
+        for name, (staged, model) in runs.items():  # warm-up: oneDNN primitives, allocator
+            staged(model, images)
+        for _ in range(repeats):
+            for name, (staged, model) in runs.items():
+                times, outputs[name] = staged(model, images)
+                samples[name].append(times | {"total": sum(times.values())})
+    medians = {name: {k: statistics.median(s[k] for s in runs_) for k in runs_[0]} for name, runs_ in samples.items()}
+    return medians, outputs
+
+
+def print_table(medians: dict) -> None:
+    reference = medians["torchvision"]
+    columns = [*STAGES, "total"]
+    print(f"{'':12s}" + "".join(f"{c:>12s}" for c in columns) + f"{'speed-up':>10s}")
+    for name, times in medians.items():
+        row = "".join(f"{times[c] * 1000:10.0f}ms" for c in columns)
+        print(f"{name:12s}{row}{reference['total'] / times['total']:9.2f}x")
+    print("per-stage speed-up (torchvision / ours):")
+    for name, times in medians.items():
+        if name != "torchvision":
+            print(f"  {name:10s}" + ", ".join(f"{c} {reference[c] / times[c]:.2f}x" for c in columns))
+
+
+def compare_end_to_end(got: list[dict], expected: list[dict]) -> str:
+    for g, e in zip(got, expected):
+        if set(g) != set(e):
+            return f"different keys {sorted(g)} vs {sorted(e)}"
+        for key in e:
+            if g[key].shape != e[key].shape:
+                return f"{key}: shape {tuple(g[key].shape)} vs {tuple(e[key].shape)}"
+            if not torch.equal(g[key], e[key]):
+                diff = (g[key].float() - e[key].float()).abs().max().item()
+                return f"{key} differ, max |difference| {diff:.2e}"
+    return "identical (boxes, labels, scores, masks: torch.equal)"
+
+
+def compare_stages(model, theirs, images) -> str:
+    """The stages of `model` on torchvision's own inputs: max differences, in the issue's units."""
+    with torch.no_grad():
+        batch, _ = theirs.transform(images)
+        sizes = [tuple(s) for s in batch.image_sizes]
+        features = theirs.backbone(batch.tensors)
+        got_features = model.backbone(batch.tensors)
+        feature_error = max(((got_features[k] - features[k]).abs().max() / features[k].abs().max()).item()
+                            for k in features)  # fmt: skip
+        proposals, _ = theirs.rpn(batch, features)
+        expected, _ = theirs.roi_heads(features, proposals, batch.image_sizes)
+        detections = model.roi_heads._forward_box(features, proposals, sizes)
+        same_labels = all(torch.equal(d["labels"], e["labels"]) for d, e in zip(detections, expected))
+        box_error = max((d["boxes"] - e["boxes"]).abs().max().item() if same_labels else float("inf")
+                        for d, e in zip(detections, expected))  # fmt: skip
+        score_error = max((d["scores"] - e["scores"]).abs().max().item() if same_labels else float("inf")
+                          for d, e in zip(detections, expected))  # fmt: skip
+        given = [{"boxes": e["boxes"], "labels": e["labels"]} for e in expected]
+        model.roi_heads.run_on_boxes(features, sizes, given)
+        mask_error = max((g["masks"] - e["masks"]).abs().max().item() for g, e in zip(given, expected) if "masks" in e)
+    return (f"features {feature_error:.1e} of their scale; on torchvision's proposals: same labels {same_labels}, "
+            f"boxes {box_error:.1e} px, scores {score_error:.1e}; 28x28 mask probabilities {mask_error:.1e}")
+
+
+def child(args) -> None:
+    """One process of the allocator comparison: prints {name: total seconds} as JSON."""
+    if args.child == "heap":
+        cpu_inference.keep_allocator_off_mmap()
+    theirs, models = build_all(args)
+    medians, _ = interleaved(theirs, models, make_images(args), args.repeats)
+    print("RESULT " + json.dumps({name: times["total"] for name, times in medians.items()}), flush=True)
+
+
+def alternate_processes(args) -> None:
+    """N processes with each allocator setting, alternating; medians of each model's totals."""
+    totals: dict[str, dict[str, list[float]]] = {"default": {}, "heap": {}}
+    for _ in range(args.processes):
+        for setting in ("default", "heap"):
+            command = [sys.executable, __file__, "--child", setting, *args.passthrough]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+            for name, total in result.items():
+                totals[setting].setdefault(name, []).append(total)
+            print(f"  process ({setting} allocator): " + ", ".join(f"{k} {v:.2f} s" for k, v in result.items()),
+                  flush=True)  # fmt: skip
+    default = {k: statistics.median(v) for k, v in totals["default"].items()}
+    heap = {k: statistics.median(v) for k, v in totals["heap"].items()}
+    print("allocator off mmap (median total over processes, default -> heap):")
+    for name in default:
+        print(f"  {name:12s} {default[name]:.2f} -> {heap[name]:.2f} s ({default[name] / heap[name]:.2f}x)")
+    reference = default["torchvision"]
+    print("as shipped (torchvision with the default allocator, our modes with theirs off mmap):")
+    for name in heap:
+        if name != "torchvision":
+            print(f"  {name:12s} {reference / heap[name]:.2f}x torchvision")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(BUILDERS), default="maskrcnn")
+    parser.add_argument("--modes", default="eager,strict,fast,bf16", help="comma-separated optimize_for_cpu modes")
+    parser.add_argument("--images", type=int, default=1, help="images per batch")
+    parser.add_argument("--height", type=int, default=480, help="the image's own size, before the transform")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--size", type=int, default=800, help="min_size of both models (shorter side inside)")
+    parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="then alternate this many processes per allocator setting (0: skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", choices=("default", "heap"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                        if k not in ("processes", "child", "modes")] + [f"--modes={args.modes}"]  # fmt: skip
+    args.modes = [m for m in args.modes.split(",") if m]
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(BUILDERS), default="maskrcnn")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=2, help="images per batch")
-    parser.add_argument("--size", type=int, default=320, help="min_size of both models (shorter side)")
-    parser.add_argument("--max-size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    theirs = build_torchvision(args.arch, args.seed, args.size, args.max_size).to(device)
-    ours = from_torchvision(theirs).to(device)  # copies theirs' settings (sizes, thresholds) too
-    generator = torch.Generator().manual_seed(args.seed)
-    images = [torch.rand(3, args.size + 37 * i, args.size + 61 * i, generator=generator).to(device)
-              for i in range(args.images)]
-
-    timed(lambda: theirs(images), 1, device)  # warm-up
-    timed(lambda: ours(images), 1, device)
-    # interleaved, so that a change in the machine's load affects both sides alike
-    times_theirs, times_ours = [], []
-    for _ in range(args.repeats):
-        elapsed, out_theirs = timed(lambda: theirs(images), 1, device)
-        times_theirs.append(elapsed)
-        elapsed, out_ours = timed(lambda: ours(images), 1, device)
-        times_ours.append(elapsed)
-    time_theirs, time_ours = statistics.median(times_theirs), statistics.median(times_ours)
-
-    counts = [len(o["boxes"]) for o in out_theirs]
-    same_counts = counts == [len(o["boxes"]) for o in out_ours]
-    print(f"{args.arch}_resnet50_fpn, {args.images} images of ~{args.size}px, device {device}, "
-          f"torch {torch.__version__}, torchvision {torchvision.__version__}")
-    print(f"torchvision: {time_theirs * 1000:8.1f} ms / batch")
-    print(f"ours:        {time_ours * 1000:8.1f} ms / batch")
-    print(f"ratio ours / torchvision: {time_ours / time_theirs:.3f}")
-    print(f"detections per image: {counts}, equal counts: {same_counts}")
-    for key, diff in max_difference(out_ours, out_theirs).items():
-        print(f"  max |difference| {key:17s} {diff:.2e}")
+    args = parse_args()
+    if args.child:
+        return child(args)
+    print(f"{args.arch}_resnet50_fpn, {args.images} image(s) of {args.height}x{args.width} at {args.size} px, "
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+          f"AMX bf16: {cpu_inference.has_fast_bf16()}")  # fmt: skip
+    theirs, models = build_all(args)
+    images = make_images(args)
+    medians, outputs = interleaved(theirs, models, images, args.repeats)
+    print(f"median of {args.repeats} interleaved runs, glibc's default allocator (load average now "
+          f"{os.getloadavg()[0]:.1f}); detections: {[len(o['boxes']) for o in outputs['torchvision']]}")
+    print_table(medians)
+    for mode, model in models.items():
+        print(f"{mode}: end to end {compare_end_to_end(outputs[mode], outputs['torchvision'])}")
+        if mode in ("fast", "bf16"):
+            print(f"{mode}: stage by stage {compare_stages(model, theirs, images)}")
+    if args.processes:
+        alternate_processes(args)
 
 
 if __name__ == "__main__":

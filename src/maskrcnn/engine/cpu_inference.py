@@ -84,11 +84,14 @@ def optimize_for_cpu(
     mode: str = "fast",
     num_threads: int | None = None,
     cpu_flags: Iterable[str] | None = None,
+    tune_allocator: bool = True,
 ) -> nn.Module:
     """A copy of `model` (a MaskRCNN) set up for CPU inference in `mode` (see the module docstring).
 
     `num_threads` (default `torch.get_num_threads()`) is how many threads pool RoIs and paste
-    masks; `cpu_flags` overrides the CPU's flags for the bf16 check. The copy is in eval mode and
+    masks; `cpu_flags` overrides the CPU's flags for the bf16 check; `tune_allocator=False` leaves
+    glibc's allocator alone (it is process-wide: a benchmark that also times another model in the
+    same process needs that). The copy is in eval mode and
     carries `inference_mode`, the mode it actually got (bf16 may fall back to "fast").
     """
     if mode not in INFERENCE_MODES:
@@ -105,7 +108,8 @@ def optimize_for_cpu(
         return optimized
     for parameter in optimized.parameters():
         parameter.requires_grad_(False)
-    keep_allocator_off_mmap()
+    if tune_allocator:
+        keep_allocator_off_mmap()
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     for pooler in _poolers(optimized):
         pooler.num_threads = threads
