@@ -183,17 +183,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def run_demo(config, *, pictures: int = 8) -> int:
-    """Generate `shapes` if missing, train from scratch, evaluate, draw, plot, print the AP table."""
-    from maskrcnn.data.coco import CocoDataset
-    from maskrcnn.engine.evaluation import coco_evaluate, format_table
-    from maskrcnn.engine.predict import predict
+    """Generate `shapes` if missing, train from scratch; the trainer evaluates, prints the AP
+    table, draws the pictures and plots the curves (engine/run_outputs.py)."""
     from maskrcnn.engine.trainer import train
-    from maskrcnn.visualize import plot_training_curves
 
     if config.data.name != "shapes":
         raise CommandError(f"the demo runs on the built-in shapes data, not data.name={config.data.name!r}")
     started = time.perf_counter()
-    paths = _shapes_paths(vars(config.data))
+    _shapes_paths(vars(config.data))
+    config.train.pictures = pictures
     print(f"shapes data in {config.data.root} ({time.perf_counter() - started:.1f} s); training "
           f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")  # fmt: skip
     summary = train(config)
@@ -202,25 +200,11 @@ def run_demo(config, *, pictures: int = 8) -> int:
         print(f"demo: stopped by {summary.interrupted} at iteration {summary.iteration}; "
               f"`maskrcnn train {out / 'config.yaml'} --resume` continues from {summary.last_checkpoint}")  # fmt: skip
         return 130
-    val = CocoDataset(paths["val_annotations"], paths["val_images"])
-    # The trainer's final evaluation wrote the COCO results; score them again for the full table.
-    results = _read_json(out / "results.json")
-    heads = {"segm": config.model.mask_head.enabled, "keypoints": config.model.keypoint_head.enabled}
-    iou_types = ["bbox"] + [iou_type for iou_type, enabled in heads.items() if enabled]
-    metrics = coco_evaluate(val.coco, results, iou_types=iou_types)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    files = sorted(Path(paths["val_images"]).glob("*.png"))[:pictures]
-    report = predict(summary.model, files, out_dir=out / "predictions", device=next(summary.model.parameters()).device,
-                     score_threshold=0.5, categories=val.categories)  # fmt: skip
-    curves = plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
     minutes = (time.perf_counter() - started) / 60
-    print()
-    print(format_table(metrics))
-    print()
     print(f"demo: {summary.iteration} iterations at {summary.seconds_per_iteration:.2f} s/iteration, "
-          f"{minutes:.1f} min in all; {len(val)} held-out images")
-    print(f"pictures: {out / 'predictions'} ({len(report.pictures)}), curves: {curves}, "
-          f"checkpoint: {summary.last_checkpoint}, metrics: {out / 'metrics.json'}")  # fmt: skip
+          f"{minutes:.1f} min in all; {config.data.shapes_val_images} held-out images")
+    print(f"pictures: {out / 'contact_sheet.png'} and {out / 'predictions'}, curves: {out / 'training_curves.png'}, "
+          f"checkpoint: {summary.last_checkpoint}, metrics: {out / 'metrics.json'}, log: {out / 'log.txt'}")  # fmt: skip
     return 0
 
 

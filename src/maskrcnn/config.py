@@ -201,6 +201,8 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     amp: bool = False  # mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX (float32 elsewhere, with a warning)
     checkpoint_every: int = 5000
+    keep_checkpoints: int = 0  # also keep the last N periodic checkpoints as model_<iteration>.pth; 0 = only last.pth
+    pictures: int = 8  # validation images drawn at the end (contact_sheet.png, predictions/); 0 = none
     eval_every: int = 0  # 0 = only at the end
     log_every: int = 20
     best_metric: str = "auto"  # flat metric name kept for best.pth, e.g. "segm/AP"; auto = segm, bbox, keypoints AP

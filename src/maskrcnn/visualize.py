@@ -12,8 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 # Distinct, saturated colours (Tableau 10); label k gets PALETTE[k % 10].
@@ -46,6 +47,9 @@ def draw_predictions(
     skeleton: Sequence[tuple[int, int]] | None = None,
     score_threshold: float = 0.5,
     mask_threshold: float = 0.5,
+    scale: int = 1,
+    font_size: int | None = None,
+    show_scores: bool = True,
 ) -> torch.Tensor:
     """Draw masks, boxes with "name score" captions, and keypoint skeletons.
 
@@ -55,29 +59,84 @@ def draw_predictions(
         `score_threshold` are left out.
     category_names: label -> name; missing labels are shown as their number.
     skeleton: 0-based keypoint index pairs to connect.
-    Returns `uint8 [3, H, W]`.
+    scale: enlarge the image this many times first (nearest neighbour: the pixels stay visible)
+        and draw at that size, so that small images get readable captions.
+    font_size: the captions' size in pixels (a scalable font, on a filled label); None keeps
+        torchvision's small bitmap font.
+    show_scores: False writes only the class names (ground truth).
+    Returns `uint8 [3, scale * H, scale * W]`.
     """
     canvas = to_uint8(image)
+    if scale > 1:
+        canvas = canvas.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     keep = prediction["scores"].detach().cpu() >= score_threshold
     if not bool(keep.any()):
         return canvas
-    boxes = prediction["boxes"].detach().cpu().float()[keep]
+    boxes = prediction["boxes"].detach().cpu().float()[keep] * scale
     labels = prediction["labels"].detach().cpu()[keep].tolist()
     scores = prediction["scores"].detach().cpu()[keep].tolist()
     colors = [label_color(label) for label in labels]
     if "masks" in prediction:
         masks = prediction["masks"].detach().cpu()[keep][:, 0] > mask_threshold  # [N, H, W] bool
+        masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colors)
     names = category_names or {}
-    captions = [f"{names.get(label, str(label))} {score:.2f}" for label, score in zip(labels, scores)]
-    canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
+    captions = [names.get(label, str(label)) + (f" {score:.2f}" if show_scores else "")
+                for label, score in zip(labels, scores)]  # fmt: skip
+    if font_size is None:
+        canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
+    else:
+        canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=max(2, scale))
+        canvas = _draw_captions(canvas, boxes, captions, colors, font_size=font_size)
     if "keypoints" in prediction:
         keypoints = prediction["keypoints"].detach().cpu().float()[keep]  # [N, K, 3]
         canvas = draw_keypoints(
-            canvas, keypoints[..., :2], connectivity=list(skeleton or []) or None, colors=(255, 255, 255),
-            radius=2, width=1, visibility=keypoints[..., 2] > 0,
+            canvas, keypoints[..., :2] * scale, connectivity=list(skeleton or []) or None, colors=(255, 255, 255),
+            radius=2 * scale, width=scale, visibility=keypoints[..., 2] > 0,
         )  # fmt: skip
     return canvas
+
+
+def _draw_captions(canvas: torch.Tensor, boxes: torch.Tensor, captions: list[str], colors: list, *,
+                   font_size: int) -> torch.Tensor:
+    """White text on a label of the box's colour at each box's top-left corner (inside the
+    image: a box at the top edge gets its label below the corner instead of cut off)."""
+    picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=font_size)
+    for (x1, y1, _, _), caption, color in zip(boxes.tolist(), captions, colors):
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        width, height = right - left + 6, bottom - top + 4
+        x = min(max(x1, 0), max(picture.width - width, 0))
+        y = y1 - height if y1 - height >= 0 else max(y1, 0)
+        draw.rectangle((x, y, x + width, y + height), fill=tuple(color))
+        draw.text((x + 3 - left, y + 2 - top), caption, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()
+
+
+def contact_sheet(tiles: Sequence[tuple[str, torch.Tensor, torch.Tensor]], *, columns: int = 2,
+                  gap: int = 12, font_size: int = 20) -> torch.Tensor:
+    """One picture of (title, ground truth, prediction) pairs, `columns` pairs per row, each pair
+    under its title with "ground truth" and "prediction" written over the two halves.
+
+    tiles: uint8 `[3, h, w]` images, all the same size. Returns uint8 `[3, H, W]` on white.
+    """
+    _, height, width = tiles[0][1].shape
+    header = font_size + 10
+    cell_width, cell_height = 2 * width + gap, height + header
+    rows = math.ceil(len(tiles) / columns)
+    sheet = Image.new("RGB", (columns * cell_width + (columns + 1) * gap, rows * cell_height + (rows + 1) * gap),
+                      (255, 255, 255))  # fmt: skip
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=font_size)
+    for index, (title, truth, prediction) in enumerate(tiles):
+        x = gap + (index % columns) * (cell_width + gap)
+        y = gap + (index // columns) * (cell_height + gap)
+        for offset, (caption, picture) in enumerate(((f"{title}: ground truth", truth), ("prediction", prediction))):
+            left = x + offset * (width + gap)
+            draw.text((left, y + 2), caption, fill=(0, 0, 0), font=font)
+            sheet.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (left, y + header))
+    return torch.from_numpy(np.array(sheet)).permute(2, 0, 1).contiguous()
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:

@@ -2,11 +2,12 @@
 
 One iteration: a batch from the iteration-based loader -> forward (autocast when
 `train.amp`) -> losses averaged over ranks and checked for NaN/inf -> backward (GradScaler on
-CUDA) -> optional gradient clipping -> optimizer and scheduler step. Around it: a progress bar
-with ETA and losses, metrics as JSON lines (`metrics.jsonl`, one flat record per log step or
+CUDA) -> optional gradient clipping -> optimizer and scheduler step. Around it: progress with
+ETA and losses, metrics as JSON lines (`metrics.jsonl`, one flat record per log step or
 evaluation, e.g. `{"iteration": 20, "lr": 0.02, "loss": 1.3, "loss_mask": 0.4, ...}` and
 `{"iteration": 600, "segm/AP": 0.71, ...}`) and TensorBoard, periodic evaluation keeping
-`best.pth`, and `last.pth` every `checkpoint_every` iterations, on SIGINT/SIGTERM and at the end.
+`best.pth`, and `last.pth` every `checkpoint_every` iterations, on SIGINT/SIGTERM and at the end;
+`run_outputs` writes the rest (log.txt, the AP tables, curves, pictures, kept checkpoints).
 
 Exact resume: the checkpoint holds the model, optimizer, scheduler, scaler, the number of
 completed iterations, every rank's random state and the data position; the learning-rate
@@ -33,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from maskrcnn.config import Config, config_to_dict, save_config
 from maskrcnn.engine import distributed
@@ -51,6 +51,8 @@ from maskrcnn.engine.training_state import (
     unwrap_model,
 )
 from maskrcnn.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
+from maskrcnn.engine import run_outputs
+from maskrcnn.engine.evaluation import flatten_metrics
 from maskrcnn.engine.precision import autocast_dtype
 
 
@@ -137,9 +139,10 @@ def _load_initial_weights(model: nn.Module, path: str, *, detectron2_config: str
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: torch.device,
-                   context: distributed.DistributedContext, results_path: Path | None) -> dict[str, float]:
-    """The one place where training calls evaluation: flat metrics (`"segm/AP"`, ...) on every rank."""
-    from maskrcnn.engine.evaluation import evaluate, flatten_metrics
+                   context: distributed.DistributedContext, results_path: Path | None) -> dict:
+    """The one place where training calls evaluation: `coco_evaluate`'s metrics (per class too) on
+    every rank; `flatten_metrics` turns them into `"segm/AP"`, ... for the logs."""
+    from maskrcnn.engine.evaluation import evaluate
 
     def gather_on_main(part: list) -> list | None:
         parts = distributed.all_gather_object(part)
@@ -157,8 +160,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: to
             )  # fmt: skip
     finally:
         model.train()
-    flat = flatten_metrics(metrics) if metrics else {}
-    return distributed.all_gather_object(flat)[0]  # every rank learns rank 0's numbers
+    return distributed.all_gather_object(metrics or {})[0]  # every rank learns rank 0's numbers
 
 
 def _class_groups(config: Config) -> dict[str, list[int]] | None:
@@ -261,7 +263,7 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
     batches: Iterator[tuple[list, list]]
     writer: MetricsWriter
-    progress: tqdm
+    progress: run_outputs.Progress
     val_dataset: Any
     categories: Any  # stored in checkpoints so that predict can name labels
     use_amp: bool
@@ -312,15 +314,17 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     owns_process_group = not distributed.is_distributed()  # then it is also ours to end
     context = distributed.init_distributed(
         distributed.select_device(config.train.device, distributed.DistributedContext()).type)
+    log_path = Path(config.train.output_dir) / run_outputs.LOG if context.is_main else None
     try:
-        parts, state = _set_up(config, context=context, resume=resume, model=model,
-                               train_dataset=train_dataset, val_dataset=val_dataset)
-        try:
-            _run_loop(parts, state)
-            _finish(parts, state)
-        finally:
-            parts.progress.close()
-            parts.writer.close()
+        with run_outputs.RunLog(log_path, append=resume) as log:
+            parts, state = _set_up(config, context=context, resume=resume, model=model,
+                                   train_dataset=train_dataset, val_dataset=val_dataset, log=log)
+            try:
+                _run_loop(parts, state)
+                _finish(parts, state)
+            finally:
+                parts.progress.close()
+                parts.writer.close()
     finally:
         if owns_process_group:
             distributed.shutdown_distributed()
@@ -331,7 +335,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
 
 
 def _set_up(config: Config, *, context: distributed.DistributedContext, resume: bool, model: nn.Module | None,
-            train_dataset: Any, val_dataset: Any) -> tuple[TrainingParts, TrainingState]:
+            train_dataset: Any, val_dataset: Any, log: run_outputs.RunLog) -> tuple[TrainingParts, TrainingState]:
     """Model, data, optimizer and schedule, restored from `last.pth` when resuming.
 
     The order of the steps is part of exact resume: each one that draws random numbers must
@@ -343,6 +347,7 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
     if context.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
+        print(f"config ({output_dir / 'config.yaml'}):\n{(output_dir / 'config.yaml').read_text()}", flush=True)
     if settings.cpu_threads is not None:
         # On a CPU shared with other work, fewer threads than cores can be several times faster:
         # each operator's threads wait for one another, and a busy core keeps them all waiting.
@@ -363,23 +368,22 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
     model = distributed.wrap_model(model, context, device)
     model.train()
     parts = TrainingParts(config, context, device, model, optimizer, scheduler, scaler,
-                          *_loop_io(config, context=context, train_dataset=train_dataset, start=state.iteration),
+                          *_loop_io(config, context=context, train_dataset=train_dataset, start=state.iteration, log=log),
                           val_dataset, getattr(train_dataset, "categories", None), amp_dtype is not None,
                           amp_dtype or torch.float32, output_dir / LAST, output_dir / BEST)
     state.started = time.perf_counter()
     return parts, state
 
 
-def _loop_io(config: Config, *, context: distributed.DistributedContext, train_dataset: Any, start: int
-             ) -> tuple[Iterator[tuple[list, list]], MetricsWriter, tqdm]:
+def _loop_io(config: Config, *, context: distributed.DistributedContext, train_dataset: Any, start: int,
+             log: run_outputs.RunLog) -> tuple[Iterator[tuple[list, list]], MetricsWriter, run_outputs.Progress]:
     """(batches from iteration `start`, the metrics writer, the progress bar)."""
     # A DataLoader draws its base seed from the global generator, and its workers start here.
     with rng_preserved(), children_ignore_sigint():
         batches = build_train_batches(train_dataset, config, context, start)
     writer = MetricsWriter(Path(config.train.output_dir), enabled=context.is_main,
                            tensorboard=config.train.tensorboard, start_iteration=start)  # fmt: skip
-    progress = tqdm(total=config.train.iterations, initial=start, disable=not context.is_main,
-                    desc="train", dynamic_ncols=True)  # fmt: skip
+    progress = run_outputs.Progress(total=config.train.iterations, initial=start, log=log, enabled=context.is_main)
     return batches, writer, progress
 
 
@@ -407,7 +411,6 @@ def _run_loop(parts: TrainingParts, state: TrainingState) -> None:
         while state.iteration < parts.config.train.iterations:
             step = train_step(parts, state, stop=stop)
             state.iteration += 1
-            parts.progress.update(1)
             after_step(parts, state, step)
             if step.stop_requested:
                 state.stopped_by = stop.received or "a signal on another rank"
@@ -446,17 +449,19 @@ def train_step(parts: TrainingParts, state: TrainingState, *, stop: StopSignal) 
 def after_step(parts: TrainingParts, state: TrainingState, step: StepResult) -> None:
     """Logging, periodic evaluation and checkpoints after iteration `state.iteration`."""
     settings, iteration = parts.config.train, state.iteration
+    values = None
     if iteration % settings.log_every == 0 or iteration == settings.iterations:
         values = {"lr": step.lr, "loss": step.losses.sum().item(),
                   **{name: value for name, value in zip(step.names, step.losses.tolist())}}  # fmt: skip
         values["seconds_per_iteration"] = state.seconds_per_iteration()
         parts.writer.write(iteration, values)
-        parts.progress.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()
-                                    if k.startswith("loss")})  # fmt: skip
+    parts.progress.step(iteration, values)
     if settings.eval_every and iteration % settings.eval_every == 0 and parts.val_dataset is not None:
         run_evaluation(parts, state)
     if iteration % settings.checkpoint_every == 0 or step.stop_requested:
         save_checkpoint(parts, state, parts.last_path)
+        if parts.context.is_main and iteration % settings.checkpoint_every == 0:
+            run_outputs.keep_periodic_checkpoint(parts.last_path, iteration=iteration, keep=settings.keep_checkpoints)
 
 
 def _finish(parts: TrainingParts, state: TrainingState) -> None:
@@ -468,6 +473,13 @@ def _finish(parts: TrainingParts, state: TrainingState) -> None:
         run_evaluation(parts, state)
     if state.saved_at != state.iteration:
         save_checkpoint(parts, state, parts.last_path)
+    if parts.context.is_main:
+        output_dir = parts.last_path.parent
+        run_outputs.write_curves(output_dir)
+        with rng_preserved():
+            run_outputs.write_pictures(unwrap_model(parts.model), parts.val_dataset,
+                                       count=parts.config.train.pictures, output_dir=output_dir, device=parts.device,
+                                       tensorboard=parts.writer.tensorboard, iteration=state.iteration)  # fmt: skip
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> None:
@@ -489,10 +501,13 @@ def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
     """Evaluates on the validation set, logs the metrics and keeps `best.pth` for the best one so far."""
     started = time.perf_counter()
     output_dir = parts.last_path.parent
-    metrics = evaluate_model(parts.model, parts.val_dataset, config=parts.config, device=parts.device,
-                             context=parts.context,
-                             results_path=output_dir / "results.json" if parts.context.is_main else None)  # fmt: skip
+    full = evaluate_model(parts.model, parts.val_dataset, config=parts.config, device=parts.device,
+                          context=parts.context,
+                          results_path=output_dir / "results.json" if parts.context.is_main else None)  # fmt: skip
+    metrics = flatten_metrics(full)
     parts.writer.write(state.iteration, metrics)
+    if parts.context.is_main and full:
+        run_outputs.report_evaluation(full, iteration=state.iteration, output_dir=output_dir)
     key = _best_key(parts.config, metrics)
     if key is not None and (state.best_metric is None or metrics[key] > state.best_metric):
         state.best_metric = metrics[key]
