@@ -78,7 +78,7 @@ def test_detectron2_model_fine_tunes_onto_three_classes(how, tmp_path, capsys):
                  *source, f"train.output_dir={tmp_path / 'run'}"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     kind = "a maskrcnn checkpoint" if how == "converted" else "detectron2 weights"
-    assert f"({kind}): loaded all tensors but 6" in printed
+    assert f"({kind}): loaded all weights but 6" in printed
     assert sorted(line.split()[2] for line in printed.splitlines() if "re-initialised" in line) == sorted(
         BOX_AND_MASK_PREDICTORS
     )

@@ -68,7 +68,7 @@ def test_torchvision_coco_checkpoint_fine_tunes_onto_three_classes(tmp_path, thr
     assert main(["train", str(tmp_path / "recipe.yaml"), *three_classes, *NO_UPDATES, f"train.output_dir={out}",
                  f"train.init_weights={tmp_path / 'coco.pth'}"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "(torchvision weights): loaded all tensors but 6" in printed
+    assert "(torchvision weights): loaded all weights but 6" in printed
     for name in BOX_AND_MASK_PREDICTORS:
         assert f"re-initialised {name} [" in printed
     assert "re-initialised roi_heads.box_predictor.cls_score.weight [91, 1024] -> [4, 1024] (class scores" in printed
@@ -88,7 +88,7 @@ def test_shapes_checkpoint_fine_tunes_onto_three_classes(tmp_path, three_classes
     assert main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES, f"train.output_dir={out}",
                  f"train.init_weights={source_run / 'last.pth'}"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "(a maskrcnn checkpoint): loaded all tensors but 6" in printed
+    assert "(a maskrcnn checkpoint): loaded all weights but 6" in printed
     assert sorted(line.split()[2] for line in printed.splitlines() if "re-initialised" in line) == sorted(
         BOX_AND_MASK_PREDICTORS
     )
@@ -112,3 +112,22 @@ def test_only_the_class_axis_of_predictors_may_differ():
     assert class_dependent_reason("roi_heads.keypoint_head.deconv.weight", (64, 17, 4, 4), (64, 4, 4, 4))
     assert class_dependent_reason("roi_heads.keypoint_head.deconv.weight", (64, 17, 4, 4), (32, 17, 4, 4)) is None
     assert class_dependent_reason("roi_heads.box_head.fc6.weight", (1024, 12544), (256, 12544)) is None
+
+
+def test_batchnorm_weights_load_into_frozen_batchnorm():
+    """torchvision's v2 weights use BatchNorm; fine-tuning on small batches freezes it
+    (model.backbone.norm=frozen_bn), which has no step counters to load."""
+    import dataclasses
+
+    from test_trainer import tiny_model_config
+
+    from maskrcnn.checkpoint.fine_tune import load_fine_tuning_state
+    from maskrcnn.model.mask_rcnn import build_model
+
+    config = tiny_model_config()
+    with_bn = build_model(dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, norm="bn")))
+    frozen = build_model(dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, norm="frozen_bn")))
+    source = with_bn.state_dict()
+    assert any(k.endswith("num_batches_tracked") for k in source) and load_fine_tuning_state(frozen, source, what="x") == []
+    for name, tensor in frozen.state_dict().items():
+        assert torch.equal(tensor, source[name]), name

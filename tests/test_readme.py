@@ -22,3 +22,19 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert all(torch.isfinite(v) for v in losses.values())
     assert len(namespace["detections"]) == 2
     assert not namespace["model"].training
+
+
+def test_readme_commands_parse():
+    """Every `maskrcnn ...` command in the README's bash blocks is accepted by the parser (their
+    effect is checked by the tests of each command: test_cli, test_checkpoint_*)."""
+    import shlex
+
+    from maskrcnn.cli import build_parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    commands = [line.split("#")[0] for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(c) for c in commands if c.strip().startswith("maskrcnn ")]
+    assert any(c[1] == "convert" and "--config" in c for c in commands)
+    for command in commands:
+        words = [w for w in command[1:] if w != "..."]
+        build_parser(words[0]).parse_args(words)

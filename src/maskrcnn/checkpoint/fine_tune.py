@@ -76,6 +76,9 @@ def load_fine_tuning_state(model: nn.Module, state: dict[str, Tensor], *, what: 
     """Load `state` into `model` except the class-dependent tensors of another shape, which keep
     the model's initialisation; returns those. WeightsMismatchError for anything else."""
     own = model.state_dict()
+    # BatchNorm's step counters are not weights: a model with frozen BatchNorm in their place
+    # (model.backbone.norm=frozen_bn, to fine-tune on small batches) has none
+    state = {k: v for k, v in state.items() if k in own or not k.endswith(".num_batches_tracked")}
     skipped = []
     for name, tensor in state.items():
         if name in own and tensor.shape != own[name].shape:

@@ -133,7 +133,7 @@ def _load_initial_weights(model: nn.Module, path: str, *, detectron2_config: str
 
     kind, skipped = load_initial_weights(model, path, detectron2_config=detectron2_config)
     if report:
-        print(f"train.init_weights: {path} ({kind}): loaded all tensors but {len(skipped)}", flush=True)
+        print(f"train.init_weights: {path} ({kind}): loaded all weights but {len(skipped)}", flush=True)
         for entry in skipped:
             print(f"train.init_weights: re-initialised {entry}", flush=True)
 
