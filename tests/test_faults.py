@@ -65,7 +65,7 @@ def _dataset(path: Path, folder: Path, **options) -> CocoDataset:
 
 def _train_args(tmp_path: Path, path: Path, folder: Path, *extra: str) -> list[str]:
     return ["train", "shapes_demo", *TINY, "data.name=coco", f"data.train.annotations={path}",
-            f"data.train.images={folder}", "model.num_classes=1", f"train.output_dir={tmp_path / 'run'}", *extra]
+            f"data.train.images={folder}", "model.num_classes=1", f"train.output_dir={tmp_path / 'run'}", "train.iterations=1", *extra]
 
 
 # --------------------------------------------------------------------------- 1. duplicate annotation ids
@@ -141,3 +141,195 @@ def test_a_string_area_that_is_no_number_is_computed_from_the_mask(tmp_path):
     (problem,) = dataset.problems
     assert problem.field == "area" and "'large'" in problem.message
     assert dataset.coco.dataset["annotations"][0]["area"] == pytest.approx(100.0, abs=12)
+
+
+# --------------------------------------------------------------------------- training: CLI errors, signals, saves
+def _last_iteration(run: Path) -> int:
+    return int(torch.load(run / "last.pth", map_location="cpu", weights_only=True)["iteration"])
+
+
+def _one_line_error(err: str, command: str = "train") -> str:
+    # the progress bar shares stderr; everything else there is the one error line
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("train:")]
+    assert len(lines) == 1 and lines[0].startswith(f"maskrcnn {command}: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=nan", "train.lr"), ("train.lr=1e39", "train.lr"), ("train.lr=inf", "train.lr"),
+    ("train.device=gpu", "train.device"), ("model.num_classes=0", "model.num_classes"),
+    ("train.batch_size=0", "train.batch_size"), ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.optimizer=adam", "train.optimizer"), ("model.rpn.nms_thresh=1.5", "model.rpn.nms_thresh"),
+    ("data.horizontal_flip=-1", "data.horizontal_flip"), ("model.transform.image_std=[0,1,1]", "model.transform.image_std"),
+])
+def test_invalid_values_name_the_key_in_one_line_with_exit_2(tmp_path, capsys, override, key):
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
+    assert main(_train_args(tmp_path, path, folder, override)) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{key}=" in line and "expected" in line
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: 0.1\n  steps: [10, 20\nmodel:\n  num_classes: 2\n")
+    assert main(["train", str(recipe)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(recipe) in line and "line 4" in line
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10, b"PK\x03\x04 not really a zip"])
+def test_a_corrupt_or_empty_init_weights_file_names_the_file(tmp_path, capsys, content):
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
+    weights = tmp_path / "start.pth"
+    weights.write_bytes(content)
+    assert main(_train_args(tmp_path, path, folder, f"train.init_weights={weights}")) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "train.init_weights" in line and str(weights) in line
+
+
+def test_errors_that_are_not_config_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
+    missing = tmp_path / "nowhere.json"
+    args = _train_args(tmp_path, missing, folder)
+    assert main(args) == 2
+    assert str(missing) in _one_line_error(capsys.readouterr().err)
+    with pytest.raises(Exception, match="nowhere.json"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("MASKRCNN_DEBUG", "1")
+    with pytest.raises(Exception, match="nowhere.json"):
+        main(args)
+
+
+def test_resume_accepts_options_after_the_overrides_and_a_changed_optimizer_is_named(tmp_path, capsys):
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
+    assert main(_train_args(tmp_path, path, folder, "train.iterations=1")) == 0
+    before = (tmp_path / "run" / "last.pth").read_bytes()
+    # options after the overrides (--resume last), and a changed optimizer (the recipe's adamw -> sgd)
+    assert main([*_train_args(tmp_path, path, folder, "train.iterations=2", "train.optimizer=sgd"), "--resume"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "optimizer state" in line and "adamw" in line and "sgd" in line
+    assert (tmp_path / "run" / "last.pth").read_bytes() == before  # nothing lost
+    assert main(["train", "shapes_demo", "--resume", *_train_args(tmp_path, path, folder, "train.iterations=2")[2:]]) == 0
+    assert _last_iteration(tmp_path / "run") == 2
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+@pytest.mark.parametrize("signal_number, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_exits_non_zero_saying_interrupted_and_how_to_resume(tmp_path, capsys, monkeypatch, command,
+                                                                      signal_number, code):
+    from maskrcnn.engine import trainer
+
+    step = trainer.train_step
+
+    def signalled_step(parts, state, **kwargs):
+        if state.iteration == 1:
+            os.kill(os.getpid(), signal_number)  # arrives during the second iteration
+        return step(parts, state, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", signalled_step)
+    if command == "train":
+        path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
+        args = _train_args(tmp_path, path, folder, "train.iterations=5")
+    else:
+        args = ["demo", "--out", str(tmp_path / "run"), "--pictures", "1", *TINY, "model.num_classes=6",
+                "data.shapes_train_images=2", "data.shapes_val_images=1", "data.shapes_image_size=32",
+                f"data.root={tmp_path / 'shapes'}", "train.iterations=5"]
+    assert main(args) == code
+    captured = capsys.readouterr()
+    assert "trained to iteration" not in captured.out
+    line = _one_line_error(captured.err, command)
+    assert "interrupted" in line and signal.Signals(signal_number).name in line and "iteration 2" in line
+    assert f"maskrcnn train {tmp_path / 'run' / 'config.yaml'} --resume" in line
+    assert _last_iteration(tmp_path / "run") == 2
+
+
+def test_num_classes_below_the_data_categories_is_refused_at_start_up(tmp_path, capsys):
+    categories = [{"id": 1, "name": "square"}, {"id": 4, "name": "other"}, {"id": 9, "name": "third"}]
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10), {**_square(1, 2, 18, 18, 10), "category_id": 9}],
+                          images=1, categories=categories)
+    assert main(_train_args(tmp_path, path, folder, "model.num_classes=2")) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "model.num_classes=2" in line and "3 categories" in line and str(path) in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # before the first iteration
+
+
+def test_a_file_with_images_but_no_annotations_trains_on_negatives(tmp_path, capsys):
+    path, folder = _write(tmp_path, [], images=2)
+    assert main(_train_args(tmp_path, path, folder, "train.iterations=2")) == 0
+    assert _last_iteration(tmp_path / "run") == 2
+
+
+def test_box_only_data_with_the_mask_head_on_is_refused_at_start_up(tmp_path, capsys):
+    anns = [{k: v for k, v in _square(1, 1, 2, 2, 10).items() if k != "segmentation"}]
+    path, folder = _write(tmp_path, anns, images=1)
+    assert main(_train_args(tmp_path, path, folder, "train.iterations=1")) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "model.mask_head.enabled" in line and "segmentation" in line
+    assert main(_train_args(tmp_path, path, folder, "train.iterations=1", "model.mask_head.enabled=false")) == 0
+
+
+# --------------------------------------------------------------------------- 2, 3. what is saved, and when
+class PoisonWeights(torch.nn.Module):
+    """Wraps a model; at the n-th forward a weight becomes inf after the (finite) loss is computed,
+    as a blow-up reaches the weights one step before it reaches the loss."""
+
+    def __init__(self, model: torch.nn.Module, *, poison_at: int, signal_at: int | None = None) -> None:
+        super().__init__()
+        self.inner, self.poison_at, self.signal_at, self.calls = model, poison_at, signal_at, 0
+
+    def forward(self, images, targets=None):
+        self.calls += 1
+        losses = self.inner(images, targets)
+        if self.calls == self.poison_at:  # this step's gradient, hence the weight after the step, is inf
+            next(self.inner.parameters()).register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        if self.calls == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+
+@pytest.mark.parametrize("when", ["periodic", "signal", "final"])
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, when):
+    from test_trainer import Rectangles, tiny_config, tiny_model
+
+    from maskrcnn.engine import trainer
+
+    data = Rectangles(4)
+    trainer.train(tiny_config(tmp_path, iterations=1), model=PoisonWeights(tiny_model(), poison_at=0), train_dataset=data)
+    good = (tmp_path / "last.pth").read_bytes()
+    config = tiny_config(tmp_path, iterations=3, checkpoint_every=3 if when == "periodic" else 100)
+    # the resumed run's calls 1 and 2 are iterations 2 and 3
+    model = PoisonWeights(tiny_model(), poison_at=2 if when != "signal" else 1, signal_at=1 if when == "signal" else None)
+    with pytest.raises(trainer.NonFiniteStateError) as error:
+        trainer.train(config, resume=True, model=model, train_dataset=data)
+    message = str(error.value)
+    stopped_at = 2 if when == "signal" else 3
+    assert f"iteration {stopped_at}:" in message and "not finite" in message and "last.pth was not written" in message
+    assert "the last good checkpoint" in message and "(iteration 1) is kept" in message  # and it is true:
+    assert (tmp_path / "last.pth").read_bytes() == good
+
+
+def test_the_optimizer_state_is_checked_too():
+    from maskrcnn.engine.trainer import non_finite_entries
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    optimizer.step()
+    assert "state.0.exp_avg" in non_finite_entries(optimizer.state_dict())
+    assert non_finite_entries({"a": torch.zeros(2), "b": [torch.ones(1), {"c": torch.arange(3)}]}) == []
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path):
+    from test_trainer import Rectangles, tiny_config, tiny_model
+
+    from maskrcnn.engine import trainer
+
+    class BrokenValidation(Rectangles):
+        def __getitem__(self, key):
+            raise RuntimeError("image 3 (val/3.png): cannot be read: image file is truncated")
+
+    with pytest.raises(RuntimeError, match="truncated"):
+        trainer.train(tiny_config(tmp_path, iterations=3, checkpoint_every=2), model=tiny_model(),
+                      train_dataset=Rectangles(4), val_dataset=BrokenValidation(2))
+    assert _last_iteration(tmp_path) == 3  # the last iteration's weights are not lost

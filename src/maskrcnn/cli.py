@@ -2,13 +2,19 @@
 
 Every subcommand has `--help`. `train` also runs under `torchrun --nproc_per_node=N -m maskrcnn
 train ...` (the trainer reads torchrun's environment). Exit codes: 0 success, 1 the command ran
-but found problems (unreadable images, data errors), 2 it could not run (bad arguments or files).
+but found problems (unreadable images, data errors), 2 it could not run or failed (bad arguments,
+files, values, data; printed as one line `maskrcnn COMMAND: message`, with the traceback under
+`--debug` or MASKRCNN_DEBUG=1), 130 / 143 a training run stopped by SIGINT / SIGTERM (its
+last.pth saved; the message says how to resume). `key=value` overrides may come before or
+after the options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -92,6 +98,34 @@ def _val_files(args: argparse.Namespace, checkpoint: dict) -> tuple[Path, Path]:
     return Path(data["val"]["annotations"]), Path(data["val"]["images"])
 
 
+def _report_interrupted(command: str, summary, output_dir: Path) -> int:
+    """A run stopped by a signal: one line that says so and how to resume; exit 128 + the signal.
+
+    Not 0: a scheduler (SLURM, Kubernetes) must not take an interrupted run for a finished one.
+    """
+    name = summary.interrupted
+    print(f"maskrcnn {command}: interrupted by {name} after iteration {summary.iteration}; "
+          f"{summary.last_checkpoint} saved; `maskrcnn train {output_dir / 'config.yaml'} --resume` "
+          f"continues from there", file=sys.stderr)  # fmt: skip
+    number = signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGTERM  # another rank's
+    return 128 + int(number)
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: a DataLoader worker's error keeps only its own last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # torch re-raises a worker's error with the worker's traceback
+        text = text.splitlines()[-1]
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    if not text or isinstance(error, (KeyError, IndexError, AttributeError, TypeError)):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
+
+
+def _debugging(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("MASKRCNN_DEBUG", "") not in ("", "0")
+
+
 # --------------------------------------------------------------------------- subcommands
 def cmd_train(args: argparse.Namespace) -> int:
     from maskrcnn.checkpoint.fine_tune import WeightsMismatchError
@@ -103,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(config, resume=args.resume)
     except (FileNotFoundError, WeightsMismatchError) as error:  # a missing file, weights that do not fit
         raise CommandError(str(error)) from None
+    if summary.interrupted:
+        return _report_interrupted("train", summary, Path(config.train.output_dir))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items()) if k.endswith("/AP"))
     print(f"trained to iteration {summary.iteration} ({summary.seconds_per_iteration:.2f} s/iteration); "
           f"{metrics or 'no evaluation'}; checkpoint {summary.last_checkpoint}")  # fmt: skip
@@ -197,9 +233,7 @@ def run_demo(config, *, pictures: int = 8) -> int:
     summary = train(config)
     out = Path(config.train.output_dir)
     if summary.interrupted:
-        print(f"demo: stopped by {summary.interrupted} at iteration {summary.iteration}; "
-              f"`maskrcnn train {out / 'config.yaml'} --resume` continues from {summary.last_checkpoint}")  # fmt: skip
-        return 130
+        return _report_interrupted("demo", summary, out)
     minutes = (time.perf_counter() - started) / 60
     print(f"demo: {summary.iteration} iterations at {summary.seconds_per_iteration:.2f} s/iteration, "
           f"{minutes:.1f} min in all; {config.data.shapes_val_images} held-out images")
@@ -241,6 +275,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        sub.add_argument("--debug", action="store_true",
+                         help="on an error, show the Python traceback (also: environment MASKRCNN_DEBUG=1)")
         return sub
 
     demo = add("demo", cmd_demo, "train a small model on the built-in shapes data (CPU, minutes), evaluate, draw, plot")
@@ -319,16 +355,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from maskrcnn.config import ConfigError
-
+    """Runs one subcommand; errors are one line `maskrcnn COMMAND: message` with exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = _parse(build_parser(command), argv)
     try:
         return int(args.handler(args) or 0)
-    except (CommandError, ConfigError) as error:
-        print(f"maskrcnn {args.command}: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"maskrcnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # every failure reaches the user as one line unless --debug asks for more
+        if _debugging(argv):
+            raise
+        print(f"maskrcnn {args.command}: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, also taking `key=value` overrides typed after the options (`--resume a.b=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args

@@ -9,6 +9,7 @@ The model defaults reproduce torchvision's `maskrcnn_resnet50_fpn` (v1) behaviou
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +173,8 @@ class DataConfig:
     keypoint_flip_map: list[list[int]] | None = None  # [[left, right], ...]; None = from the dataset
     num_workers: int = 2
     aspect_ratio_grouping: bool = True
-    check_images: str = "header"  # "header" (open each image header: size, EXIF) | "exists" | "none"
+    check_images: str = "header"  # "header" (open each image header: size, EXIF) | "full" (decode each) | "exists" | "none"
+    bad_images: str = "skip"  # a training image that cannot be decoded: "skip" it (counted warning) | "fail"
     # shapes generator
     shapes_train_images: int = 800
     shapes_val_images: int = 200
@@ -287,8 +289,18 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _yaml_place(error: yaml.YAMLError) -> str:
+    """" at line L column C: what" of a YAML error (lines counted from 1), on one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f" at line {mark.line + 1} column {mark.column + 1}: {problem}" if mark else f": {problem}"
+
+
 def _set_override(data: dict, dotted: str, raw: str) -> None:
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {dotted}={raw}: invalid YAML value{_yaml_place(error)}") from None
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -321,7 +333,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict = {}
     if path is not None:
         path = recipe_path(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML{_yaml_place(error)}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot be read ({error})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
@@ -330,7 +347,91 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         _set_override(data, key.strip(), raw)
-    return from_dict(Config, data)
+    return validate_config(from_dict(Config, data))
+
+
+# --------------------------------------------------------------------------- checking values
+_FLOAT32_MAX = 3.4028234663852886e38  # weights and optimizer states are float32: a larger value is inf there
+
+# key -> the values it may take
+_CHOICES: dict[str, tuple] = {
+    "model.backbone.depth": (18, 34, 50, 101, 152),
+    "model.backbone.norm": ("frozen_bn", "bn", "gn"),
+    "model.box_head.norm": ("none", "gn", "bn"),
+    "model.mask_head.norm": ("none", "gn", "bn"),
+    "model.mask_head.architecture": ("fcn", "deep_fcn", "resnet", "hourglass"),
+    "model.mask_head.block": ("bottleneck", "basic"),
+    "model.mask_head.train_on": ("proposals", "gt_boxes"),
+    "data.name": ("shapes", "coco"),
+    "data.check_images": ("header", "exists", "none", "full"),
+    "data.bad_images": ("skip", "fail"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("step", "cosine", "constant"),
+}
+# key -> (lowest, highest, whether the lowest itself is allowed); None = unbounded
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "model.num_classes": (1, None, True),
+    "model.roi_canonical_box_size": (0, None, False),
+    "model.backbone.trainable_stages": (0, 5, True),
+    "model.backbone.fpn_channels": (1, None, True),
+    "model.transform.min_size": (1, None, True),
+    "model.transform.min_size_test": (1, None, True),
+    "model.transform.max_size": (1, None, True),
+    "model.transform.size_divisible": (1, None, True),
+    "model.transform.image_std": (0, None, False),
+    "model.rpn.anchor_sizes": (0, None, False),
+    "model.rpn.aspect_ratios": (0, None, False),
+    "model.rpn.nms_thresh": (0, 1, True), "model.box_head.nms_thresh": (0, 1, True),
+    "model.rpn.fg_iou_thresh": (0, 1, True), "model.rpn.bg_iou_thresh": (0, 1, True),
+    "model.box_head.fg_iou_thresh": (0, 1, True), "model.box_head.bg_iou_thresh": (0, 1, True),
+    "model.rpn.positive_fraction": (0, 1, False), "model.box_head.positive_fraction": (0, 1, False),
+    "model.rpn.batch_size_per_image": (1, None, True), "model.box_head.batch_size_per_image": (1, None, True),
+    "model.box_head.score_thresh": (0, 1, True), "model.box_head.detections_per_img": (1, None, True),
+    "model.keypoint_head.num_keypoints": (1, None, True),
+    "data.horizontal_flip": (0, 1, True), "data.color_jitter": (0, None, True), "data.num_workers": (0, None, True),
+    "train.iterations": (0, None, True), "train.batch_size": (1, None, True),
+    "train.lr": (0, None, True), "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True),
+    "train.gamma": (0, None, False), "train.warmup_iterations": (0, None, True),
+    "train.warmup_factor": (0, 1, False), "train.clip_grad_norm": (0, None, False),
+    "train.checkpoint_every": (1, None, True), "train.eval_every": (0, None, True),
+    "train.log_every": (1, None, True), "train.cpu_threads": (1, None, True),
+}
+
+
+def validate_config(config: Config) -> Config:
+    """ConfigError naming the key for a value the run cannot use (NaN, out of range, unknown name)."""
+    values = _flatten(dataclasses.asdict(config))
+    for key, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            _check_value(key, item)
+    device = config.train.device
+    if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"train.device={device}: expected auto, cpu, cuda, cuda:N or mps")
+    return config
+
+
+def _check_value(key: str, value: Any) -> None:
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        raise ConfigError(f"{key}={value}: expected a finite number (within float32's range)")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{key}={value}: expected one of {', '.join(map(str, _CHOICES[key]))}")
+    if key in _RANGES and value is not None:
+        low, high, low_allowed = _RANGES[key]
+        below = low is not None and (value < low or (value == low and not low_allowed))
+        if below or (high is not None and value > high):
+            lowest = "" if low is None else f"{'>=' if low_allowed else '>'} {low}"
+            highest = "" if high is None else f"<= {high}"
+            raise ConfigError(f"{key}={value}: expected a value {' and '.join(filter(None, (lowest, highest)))}")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def config_from_dict(data: dict) -> Config:

@@ -270,7 +270,8 @@ def parse_coco(data: dict, image_dir: Path, *, check_images: str) -> ParsedCoco:
     annotations = data.get("annotations", [])
     usable = [a for a in annotations if isinstance(a, dict) and _crowd_flag(a.get("iscrowd")) is False]
     schema = _Schema({c["id"]: i + 1 for i, c in enumerate(categories)}, len(keypoint_names),
-                     has_masks=any(a.get("segmentation") for a in usable),
+                     # no object at all (negatives only) contradicts no head: empty masks then
+                     has_masks=any(a.get("segmentation") for a in usable) or not usable,
                      has_points=any("point_coords" in a for a in usable))
     instances: dict[int, list[_Annotation]] = {image_id: [] for image_id in images.records}
     crowds: dict[int, list] = {image_id: [] for image_id in images.records}

@@ -6,8 +6,11 @@ CUDA) -> optional gradient clipping -> optimizer and scheduler step. Around it: 
 ETA and losses, metrics as JSON lines (`metrics.jsonl`, one flat record per log step or
 evaluation, e.g. `{"iteration": 20, "lr": 0.02, "loss": 1.3, "loss_mask": 0.4, ...}` and
 `{"iteration": 600, "segm/AP": 0.71, ...}`) and TensorBoard, periodic evaluation keeping
-`best.pth`, and `last.pth` every `checkpoint_every` iterations, on SIGINT/SIGTERM and at the end;
-`run_outputs` writes the rest (log.txt, the AP tables, curves, pictures, kept checkpoints).
+`best.pth`, and `last.pth` every `checkpoint_every` iterations, on SIGINT/SIGTERM and at the end
+(before the final evaluation, so that a failing evaluation loses nothing); `run_outputs` writes
+the rest (log.txt, the AP tables, curves, pictures, kept checkpoints). No checkpoint is written
+with non-finite weights or optimizer state (NonFiniteStateError instead). The data is checked
+against the model before the first iteration (`check_data_fits_model`).
 
 Exact resume: the checkpoint holds the model, optimizer, scheduler, scaler, the number of
 completed iterations, every rank's random state and the data position; the learning-rate
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskrcnn.config import Config, config_to_dict, save_config
+from maskrcnn.config import Config, config_to_dict, save_config, validate_config
 from maskrcnn.engine import distributed
 from maskrcnn.checkpoint.format import atomic_save
 from maskrcnn.engine.training_state import (
@@ -58,6 +61,10 @@ from maskrcnn.engine.precision import autocast_dtype
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the iteration and the term(s)."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The weights or the optimizer state hold NaN or inf: such a checkpoint is never written."""
 
 
 def seed_everything(seed: int) -> None:
@@ -136,6 +143,29 @@ def _load_initial_weights(model: nn.Module, path: str, *, detectron2_config: str
         print(f"train.init_weights: {path} ({kind}): loaded all weights but {len(skipped)}", flush=True)
         for entry in skipped:
             print(f"train.init_weights: re-initialised {entry}", flush=True)
+
+
+def check_data_fits_model(config: Config, dataset: Any) -> None:
+    """Refuses at start-up what would otherwise fail at the first batch that shows it, with nothing saved.
+
+    `dataset` is read through CocoDataset's attributes (categories, has_masks, keypoint_names);
+    a data set without them is not checked.
+    """
+    model, source = config.model, getattr(dataset, "source", "the training data")
+    categories = getattr(dataset, "categories", None)
+    if categories is not None and len(categories) > model.num_classes:
+        raise ValueError(f"model.num_classes={model.num_classes}, but {source} has {len(categories)} categories "
+                         f"(labels 1..{len(categories)}): set model.num_classes={len(categories)}")
+    if model.mask_head.enabled and getattr(dataset, "has_masks", True) is False:
+        raise ValueError(f"model.mask_head.enabled is true, but {source} has no segmentation (boxes only): "
+                         "set model.mask_head.enabled=false to train boxes only")
+    names = getattr(dataset, "keypoint_names", None)
+    if model.keypoint_head.enabled and names is not None and len(names) != model.keypoint_head.num_keypoints:
+        found = f"{len(names)} keypoints per instance {names}" if names else "no category with 'keypoints'"
+        raise ValueError(f"model.keypoint_head.num_keypoints={model.keypoint_head.num_keypoints}, but {source} has "
+                         f"{found}: set model.keypoint_head.num_keypoints={len(names)}" if names else
+                         f"model.keypoint_head.enabled is true, but {source} has {found}: "
+                         "set model.keypoint_head.enabled=false")  # fmt: skip
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: torch.device,
@@ -223,11 +253,33 @@ def _iteration_of(line: str) -> float:
         return math.inf
 
 
-def _non_finite_message(iteration: int, names: list[str], values: torch.Tensor, last: Path) -> str:
+def _kept_checkpoint(last: Path, saved_at: int) -> str:
+    """What is on disk at `last` now, said truthfully (for a message about stopping)."""
+    if saved_at > 0 and last.exists():
+        return f"the last good checkpoint {last} (iteration {saved_at}) is kept"
+    if last.exists():
+        return f"{last}, written before this run, is left as it was"
+    return "no checkpoint had been written yet"
+
+
+def _non_finite_message(iteration: int, names: list[str], values: torch.Tensor, last: Path, saved_at: int) -> str:
     bad = ", ".join(f"{name}={value}" for name, value in zip(names, values.tolist()) if not math.isfinite(value))
-    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint had been written yet"
-    return (f"iteration {iteration}: non-finite loss {bad} (averaged over ranks); training stopped and {kept}. "
+    return (f"iteration {iteration}: non-finite loss {bad} (averaged over ranks); training stopped and "
+            f"{_kept_checkpoint(last, saved_at)}. "
             f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")  # fmt: skip
+
+
+def non_finite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items for name in non_finite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -311,6 +363,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     Under torchrun, a process group that this call started is ended before it returns.
     Raises NonFiniteLossError naming the iteration and loss term(s), leaving `last.pth` as it was.
     """
+    validate_config(config)
     owns_process_group = not distributed.is_distributed()  # then it is also ours to end
     context = distributed.init_distributed(
         distributed.select_device(config.train.device, distributed.DistributedContext()).type)
@@ -353,12 +406,15 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
         # each operator's threads wait for one another, and a busy core keeps them all waiting.
         torch.set_num_threads(settings.cpu_threads)
     seed_everything(settings.seed)  # the same initial weights on every rank
+    built_here = model is None  # then config.model describes it, and the data can be checked against it
     model = (model if model is not None else build_model_from_config(config)).to(device)
     if settings.init_weights and not (resume and (output_dir / LAST).exists()):
         _load_initial_weights(unwrap_model(model), settings.init_weights,
                               detectron2_config=settings.init_weights_config, report=context.is_main)
     if train_dataset is None:
         train_dataset, val_dataset = build_datasets(config, context)
+    if built_here:
+        check_data_fits_model(config, train_dataset)
     optimizer = build_optimizer(model, settings)
     amp_dtype = autocast_dtype(device, amp=settings.amp)  # None: float32 (asked for, or no AMX on this CPU)
     # fp16 needs loss scaling (GradScaler); bf16 has float32's range and runs without it.
@@ -398,8 +454,18 @@ def _restore_or_seed(config: Config, *, context: distributed.DistributedContext,
     # On the CPU: random states must be CPU tensors; load_state_dict moves the rest to the device.
     checkpoint = load_training_state(last_path, map_location="cpu")
     _check_resumable(checkpoint, config, context, last_path)
-    start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
-                                             scheduler=None, scaler=scaler, rank=context.rank)  # fmt: skip
+    expected = set(optimizer.defaults)
+    try:
+        start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                                 scheduler=None, scaler=scaler, rank=context.rank)  # fmt: skip
+    except (ValueError, KeyError, RuntimeError) as error:
+        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ValueError(f"cannot resume from {last_path}: its saved state does not fit this run "
+                         f"({type(error).__name__}: {detail})") from None
+    missing = sorted(expected - {key for group in optimizer.param_groups for key in group})
+    if missing:
+        raise ValueError(f"cannot resume from {last_path}: its optimizer state does not fit this run "
+                         f"(its parameter groups have no {', '.join(missing)})")
     apply_hyperparameters(optimizer, settings)  # the config's, e.g. after raising train.iterations
     return TrainingState(iteration=start_iteration, best_metric=checkpoint.get("best_metric"),
                          saved_at=start_iteration, timed_from=start_iteration)
@@ -433,7 +499,8 @@ def train_step(parts: TrainingParts, state: TrainingState, *, stop: StopSignal) 
     shared = distributed.all_reduce_mean(torch.cat([losses, losses.new_tensor([stop.requested])]))
     losses, stop_requested = shared[:-1], shared[-1].item() > 0
     if not torch.isfinite(losses).all():
-        raise NonFiniteLossError(_non_finite_message(state.iteration + 1, names, losses.cpu(), parts.last_path))
+        raise NonFiniteLossError(_non_finite_message(state.iteration + 1, names, losses.cpu(), parts.last_path,
+                                                     state.saved_at))
     optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(sum(loss_dict.values())).backward()
     if settings.clip_grad_norm is not None:
@@ -465,14 +532,20 @@ def after_step(parts: TrainingParts, state: TrainingState, step: StepResult) -> 
 
 
 def _finish(parts: TrainingParts, state: TrainingState) -> None:
-    """After the last iteration (not after a stop signal): the final evaluation and `last.pth`."""
+    """After the last iteration (not after a stop signal): `last.pth`, then the final evaluation.
+
+    Saving first: an evaluation that fails (bad validation data, out of memory) loses nothing.
+    """
     parts.progress.close()
     if state.stopped_by is not None:
         return
-    if parts.val_dataset is not None and state.evaluated_at != state.iteration:
-        run_evaluation(parts, state)
     if state.saved_at != state.iteration:
         save_checkpoint(parts, state, parts.last_path)
+    if parts.val_dataset is not None and state.evaluated_at != state.iteration:
+        best_before = state.best_metric
+        run_evaluation(parts, state)
+        if state.best_metric != best_before:  # last.pth carries the best value a resumed run compares with
+            save_checkpoint(parts, state, parts.last_path)
     if parts.context.is_main:
         output_dir = parts.last_path.parent
         run_outputs.write_curves(output_dir)
@@ -483,18 +556,33 @@ def _finish(parts: TrainingParts, state: TrainingState) -> None:
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> None:
-    """Everything exact resume needs, written atomically by rank 0 (every rank takes part)."""
-    settings, context = parts.config.train, parts.context
+    """Everything exact resume needs, written atomically by rank 0 (every rank takes part).
+
+    Raises NonFiniteStateError instead of writing weights or optimizer state with NaN or inf
+    (a blow-up can reach the weights before the loss): the file on disk stays the last good one.
+    """
+    # Every rank checks (DDP keeps the weights and optimizer states equal), so that all stop together.
+    bad = non_finite_entries({"model": unwrap_model(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict()})
+    if bad:
+        kept = _kept_checkpoint(path, state.saved_at) if path == parts.last_path else f"{path} is left as it was"
+        raise NonFiniteStateError(
+            f"iteration {state.iteration}: {len(bad)} tensors of the weights / optimizer state are not finite "
+            f"(e.g. {', '.join(bad[:3])}); {path.name} was not written and {kept}. "
+            f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")  # fmt: skip
     rng = distributed.all_gather_object(capture_rng_state())  # every rank's state, for exact resume
-    if context.is_main:
-        position = {"iteration": state.iteration, "batch_size": settings.batch_size,
-                    "world_size": context.world_size, "seed": settings.seed}  # fmt: skip
+    if parts.context.is_main:
         atomic_save(training_state(model=parts.model, config=parts.config, optimizer=parts.optimizer,
                                    scheduler=parts.scheduler, scaler=parts.scaler, iteration=state.iteration,
-                                   rng=rng, data_position=position, best_metric=state.best_metric,
-                                   categories=parts.categories), path)  # fmt: skip
+                                   rng=rng, data_position=_data_position(parts, state),
+                                   best_metric=state.best_metric, categories=parts.categories), path)  # fmt: skip
     if path == parts.last_path:
         state.saved_at = state.iteration
+
+
+def _data_position(parts: TrainingParts, state: TrainingState) -> dict:
+    settings = parts.config.train
+    return {"iteration": state.iteration, "batch_size": settings.batch_size,
+            "world_size": parts.context.world_size, "seed": settings.seed}  # fmt: skip
 
 
 def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
@@ -523,6 +611,12 @@ def _check_resumable(checkpoint: dict, config: Config, context: distributed.Dist
         saved = checkpoint.get("model_config") or {}
         differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(f"cannot resume from {path}: its model config differs in model.{', model.'.join(differing)}")
+    saved_optimizer = ((checkpoint.get("config") or {}).get("train") or {}).get("optimizer")
+    if saved_optimizer is not None and saved_optimizer != config.train.optimizer:
+        raise ValueError(f"cannot resume from {path}: it was trained with train.optimizer={saved_optimizer} and the "
+                         f"config says {config.train.optimizer}, so the optimizer state does not fit; resume with "
+                         f"train.optimizer={saved_optimizer}, or start a new run from its weights with "
+                         f"train.init_weights={path}")  # fmt: skip
     position = checkpoint.get("data_position") or {}
     now = {"batch_size": config.train.batch_size, "world_size": context.world_size, "seed": config.train.seed}
     changed = {k: (position.get(k), v) for k, v in now.items() if position.get(k) != v}
