@@ -258,6 +258,10 @@ def test_a_file_with_images_but_no_annotations_trains_on_negatives(tmp_path, cap
     path, folder = _write(tmp_path, [], images=2)
     assert main(_train_args(tmp_path, path, folder, "train.iterations=2")) == 0
     assert _last_iteration(tmp_path / "run") == 2
+    capsys.readouterr()
+    assert main(_train_args(tmp_path, path, folder, "data.keep_empty_images=false", f"train.output_dir={tmp_path / 'b'}")) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "no usable training image" in line and "data.keep_empty_images=false" in line
 
 
 def test_box_only_data_with_the_mask_head_on_is_refused_at_start_up(tmp_path, capsys):
@@ -333,3 +337,142 @@ def test_the_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path):
         trainer.train(tiny_config(tmp_path, iterations=3, checkpoint_every=2), model=tiny_model(),
                       train_dataset=Rectangles(4), val_dataset=BrokenValidation(2))
     assert _last_iteration(tmp_path) == 3  # the last iteration's weights are not lost
+
+
+# --------------------------------------------------------------------------- 5. keypoint flip maps
+def _keypoint_file(tmp_path: Path, names: list[str], flip_map: list | None = None) -> tuple[Path, Path]:
+    category = {"id": 1, "name": "square", "keypoints": names}
+    if flip_map is not None:
+        category["keypoint_flip_map"] = flip_map
+    keypoints = [v for i in range(len(names)) for v in (4 + 2 * i, 5, 2)]
+    return _write(tmp_path, [_square(1, 1, 2, 2, 20, keypoints=keypoints, num_keypoints=len(names))],
+                  images=1, categories=[category])
+
+
+@pytest.mark.parametrize("flip_map, says", [([[0, 1], [1, 2]], "not a permutation"), ([[0, 5]], "out of range"),
+                                            ([[0]], "not a pair")])
+def test_a_bad_flip_map_fails_check_data_and_is_refused_before_flipping(tmp_path, capsys, flip_map, says):
+    path, folder = _keypoint_file(tmp_path, ["left_eye", "right_eye", "nose"], flip_map)
+    assert main(["check-data", str(path), "--images", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "[keypoint_flip_map]" in out and says in out
+    with pytest.raises(CocoFormatError, match=f"keypoint_flip_map.*{says}"):
+        _dataset(path, folder, horizontal_flip=0.5)
+    assert main(_train_args(tmp_path, path, folder, "data.horizontal_flip=0.5")) == 2
+    assert says in _one_line_error(capsys.readouterr().err)
+    (tmp_path / "good").mkdir()
+    good = _keypoint_file(tmp_path / "good", ["left_eye", "right_eye", "nose"])
+    with pytest.raises(ValueError, match="data.keypoint_flip_map.*permutation"):  # the config's map, the same way
+        _dataset(*good, keypoint_flip_map=[[0, 1], [1, 2]])
+
+
+def test_sided_names_that_no_flip_pair_swaps_warn_when_images_are_flipped(tmp_path, capsys):
+    path, folder = _keypoint_file(tmp_path, ["L_eye", "R_eye", "nose"])
+    with pytest.warns(UserWarning, match=r"\['L_eye', 'R_eye'\].*flip"):
+        dataset = CocoDataset(path, folder, horizontal_flip=0.5)
+    assert dataset.keypoint_flip_map == []
+    assert main(["check-data", str(path), "--images", str(folder)]) == 0
+    assert "L_eye" in capsys.readouterr().out
+    (tmp_path / "paired").mkdir()
+    assert _dataset(*_keypoint_file(tmp_path / "paired", ["left_eye", "right_eye", "nose"])).problems == []
+
+
+# --------------------------------------------------------------------------- 8. truncated images
+def _truncate_one(folder: Path) -> Path:
+    """2.png becomes a JPEG cut short: its header reads, its pixels do not decode."""
+    full = folder / "2.full.jpg"
+    Image.open(folder / "2.png").convert("RGB").save(full, quality=95)
+    cut = folder / "2.jpg"
+    data = full.read_bytes()
+    scan = data.index(b"\xff\xda")  # start of the compressed pixels: cut half way through them
+    cut.write_bytes(data[: scan + (len(data) - scan) // 2])
+    full.unlink()
+    return cut
+
+
+def test_a_truncated_jpeg_is_found_by_check_data_full_and_skipped_in_training_by_default(tmp_path, capsys):
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10), _square(2, 2, 5, 5, 10)], images=2)
+    cut = _truncate_one(folder)
+    data = json.loads(path.read_text())
+    data["images"][1]["file_name"] = cut.name
+    path.write_text(json.dumps(data))
+    assert main(["check-data", str(path), "--images", str(folder)]) == 0  # the header alone looks fine
+    capsys.readouterr()
+    assert main(["check-data", str(path), "--images", str(folder), "--full"]) == 1
+    out = capsys.readouterr().out
+    assert "error: image 2 annotation None [file_name]" in out and "cannot be decoded" in out and "2.jpg" in out
+
+    with pytest.warns(UserWarning, match=r"image 2 .*2\.jpg.*skipped .*1 image\(s\) skipped"):
+        assert main(_train_args(tmp_path, path, folder, "train.iterations=3")) == 0
+    assert _last_iteration(tmp_path / "run") == 3
+    capsys.readouterr()
+    assert main(_train_args(tmp_path, path, folder, "train.iterations=3", "data.bad_images=fail",
+                            f"train.output_dir={tmp_path / 'strict'}")) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "image 2" in line and "2.jpg" in line
+
+
+# --------------------------------------------------------------------------- 14. boxes as corners, keypoints outside
+def test_boxes_written_as_corners_and_keypoints_outside_the_image_are_reported(tmp_path, capsys):
+    corners = {**_square(1, 1, 12, 14, 10), "bbox": [12, 14, 22, 24]}  # x1,y1,x2,y2 beside its polygon
+    past = {k: v for k, v in _square(1, 2, 20, 18, 8).items() if k != "segmentation"}
+    past["bbox"] = [20, 18, 28, 26]  # box only: as x,y,w,h it runs past the 32x32 image
+    outside = _square(2, 3, 4, 4, 10, keypoints=[6, 6, 2, 40, 5, 2, -3, 8, 1], num_keypoints=3)
+    category = {"id": 1, "name": "square", "keypoints": ["a", "b", "c"]}
+    path, folder = _write(tmp_path, [corners, past, outside], categories=[category])
+    assert main(["check-data", str(path), "--images", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "annotation 1 [bbox]" in out and "as x1,y1,x2,y2 corners" in out
+    assert "annotation 2 [bbox]" in out and "does the file write corners" in out
+    assert "annotation 3 [keypoints]: 2 labelled keypoint(s) lie outside the 32x32 image" in out
+    dataset = _dataset(path, folder)
+    assert dataset.records[0].boxes[0].tolist() == [12, 14, 22, 24]
+    keypoints = dataset.records[1].keypoints[0]
+    assert keypoints[:, 2].tolist() == [2, 0, 0] and keypoints[0, :2].tolist() == [6.5, 6.5]
+    assert dataset.coco.dataset["annotations"][2]["keypoints"][3:] == [0, 0, 0, 0, 0, 0]
+    assert dataset.coco.dataset["annotations"][2]["num_keypoints"] == 1
+
+
+# --------------------------------------------------------------------------- 16. partial files of a killed save
+def test_stale_temporary_checkpoints_are_removed_at_start_and_a_live_save_is_not(tmp_path, capsys):
+    from maskrcnn.checkpoint.format import _writer_tag
+
+    path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = _writer_tag().rsplit("-", 1)[0]
+    killed = run / f".last.pth.{host}-{finished.stdout.strip()}.k1ll3d.tmp"  # its writer is gone
+    old = run / ".best.pth.a8x2_q.tmp"  # an older name without its writer, untouched for two hours
+    live = run / f".last.pth.{host}-{os.getpid()}.w0rk1n.tmp"  # a save in progress (this process)
+    elsewhere = run / ".last.pth.other-host-1.abc.tmp"  # another machine's save on a shared disk
+    for file in (killed, old, live, elsewhere):
+        file.write_bytes(b"x" * 1000)
+    os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
+    assert main(_train_args(tmp_path, path, folder)) == 0
+    assert not killed.exists() and not old.exists() and live.exists() and elsewhere.exists()
+    assert "removed 2 stale temporary checkpoint file(s)" in capsys.readouterr().err
+    assert _last_iteration(run) == 1 and sorted(run.glob(".*.tmp")) == sorted([live, elsewhere])
+
+
+# --------------------------------------------------------------------------- 12. crowded images
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_chunked_matching_equals_the_full_iou_matrix(low_quality):
+    from torchvision.ops import box_iou
+
+    from maskrcnn.model.box_ops import Matcher
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(300, 2, generator=generator) * 200
+    gt = torch.cat([corners, corners + 5 + torch.rand(300, 2, generator=generator) * 40], dim=1)
+    gt = torch.cat([gt, gt[:40]])  # repeated objects: ties that must keep the first gt, across chunks too
+    points = torch.rand(2000, 4, generator=generator) * 250
+    anchors = torch.cat([gt[::3] + 1.0, torch.cat([points[:, :2].minimum(points[:, 2:]),
+                                                   points[:, :2].maximum(points[:, 2:]) + 1], dim=1)])
+    matcher = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=low_quality)
+    full = matcher(box_iou(gt, anchors))
+    for chunk_elements in (1, 2100 * 7, 2100 * 64, 10**9):  # one gt per chunk ... all at once
+        assert torch.equal(matcher.match_boxes(gt, anchors, chunk_elements=chunk_elements), full)
+    assert (full >= 0).sum() > 50 and (full == -2).any() and (full == -1).any()  # every outcome occurs
+    empty = torch.zeros((0, 4))
+    assert torch.equal(matcher.match_boxes(empty, anchors, chunk_elements=1), matcher(box_iou(empty, anchors)))

@@ -20,7 +20,9 @@ import dataclasses
 import os
 import pickle
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory: os.replace is only atomic within one file system.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's host and pid in the name tell a later run whether the file is another live save.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)
@@ -56,6 +59,44 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         raise
     _fsync_directory(path.parent)  # makes the rename itself durable
     return path
+
+
+def _writer_tag() -> str:
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
+
+
+STALE_AFTER_SECONDS = 3600.0  # a save in progress keeps writing: its file's mtime stays recent
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Deletes `.NAME.pth.*.tmp` files that a killed save left in `directory`; returns them.
+
+    A file is stale when its writer (host and pid in the name) is this host's and no longer
+    runs, or when nothing has written to it for STALE_AFTER_SECONDS (older names carry no
+    writer). Another live process's save in progress is left alone.
+    """
+    removed = []
+    for path in Path(directory).glob(".*.pth.*.tmp"):
+        match = re.fullmatch(r"\..+?\.pth\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\..+\.tmp", path.name)
+        try:
+            idle = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
+        writer_gone = match is not None and match["host"] == _writer_tag().rsplit("-", 1)[0] and not _alive(int(match["pid"]))
+        if writer_gone or idle > STALE_AFTER_SECONDS:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

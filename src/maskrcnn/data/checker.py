@@ -19,8 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("annotations", help="COCO instances or person-keypoints JSON file")
     parser.add_argument("--images", default=None,
                         help="image folder that file_name is relative to (without it, image files are not checked)")
-    parser.add_argument("--check-images", choices=("header", "exists", "none"), default="header",
-                        help="header: open each image's header (size, EXIF); exists: only look for the file")
+    parser.add_argument("--check-images", choices=("header", "full", "exists", "none"), default="header",
+                        help="header: open each image's header (size, EXIF); full: also decode every image "
+                             "(finds truncated files); exists: only look for the file")
+    parser.add_argument("--full", action="store_const", const="full", dest="check_images",
+                        help="same as --check-images full")
     parser.add_argument("--strict", action="store_true", help="exit non-zero on repaired problems (warnings) too")
 
 

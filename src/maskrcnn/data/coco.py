@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
-from maskrcnn.data.coco_parse import (CocoFormatError, ImageRecord, Problem, flip_map_from_names, load_json,
-                                      parse_coco, read_image_header)
+from maskrcnn.data.coco_parse import (CocoFormatError, ImageRecord, Problem, flip_map_from_names, flip_map_problem,
+                                      load_json, parse_coco, read_image_header, unpaired_sided_names)
 from maskrcnn.data.masks import InstanceMasks
 
 __all__ = ["CocoDataset", "CocoFormatError", "Problem", "decode_image", "read_image_header"]
@@ -59,8 +59,10 @@ class CocoDataset(torch.utils.data.Dataset):
         horizontal_flip, color_jitter: build the standard training augmentation (data/transforms.py)
             with this data set's flip map, when `transforms` is not given.
         keypoint_flip_map: [[left, right], ...] overriding the one found in the categories.
-        check_images: "header" (open every image's header: existence, size, EXIF), "exists"
-            (only that the file exists), or "none".
+        check_images: "header" (open every image's header: existence, size, EXIF), "full" (also
+            decode every image: finds truncated files), "exists" (only that the file exists), or "none".
+        bad_images: an item whose image cannot be decoded: "fail" (raise, naming the image) or
+            "skip" (warn, counting, and give the next readable item instead; for training).
         dense_masks: targets carry uint8 [N, H, W] tensors instead of InstanceMasks.
         warn: emit one warning summarising the problems found.
     """
@@ -68,9 +70,12 @@ class CocoDataset(torch.utils.data.Dataset):
     def __init__(self, annotations: str | Path | dict, images: str | Path, *, keep_empty_images: bool = True,
                  transforms: Callable | None = None, horizontal_flip: float = 0.0, color_jitter: float = 0.0,
                  keypoint_flip_map: list[list[int]] | None = None, check_images: str = "header",
-                 dense_masks: bool = False, warn: bool = True) -> None:
-        if check_images not in ("header", "exists", "none"):
-            raise ValueError(f"check_images must be 'header', 'exists' or 'none', got {check_images!r}")
+                 dense_masks: bool = False, warn: bool = True, bad_images: str = "fail") -> None:
+        if check_images not in ("header", "full", "exists", "none"):
+            raise ValueError(f"check_images must be 'header', 'full', 'exists' or 'none', got {check_images!r}")
+        if bad_images not in ("fail", "skip"):
+            raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
+        self.bad_images, self.skipped_images = bad_images, set()  # indices that failed to decode
         self.source = "annotations" if isinstance(annotations, dict) else str(annotations)
         self.image_dir = Path(images)
         data = load_json(annotations)
@@ -88,6 +93,7 @@ class CocoDataset(torch.utils.data.Dataset):
             [list(pair) for pair in keypoint_flip_map] if keypoint_flip_map is not None
             else parsed.keypoint_flip_map if parsed.keypoint_flip_map is not None
             else flip_map_from_names(self.keypoint_names))
+        self._check_flip_map(explicit=keypoint_flip_map is not None, flipping=horizontal_flip > 0 and transforms is None)
         self.has_masks = parsed.has_masks
         self.has_points = parsed.has_points
         self.all_records = parsed.records
@@ -108,6 +114,26 @@ class CocoDataset(torch.utils.data.Dataset):
                           f"{len(self.problems) - errors} repaired), e.g. {self.problems[0]}; see "
                           f"dataset.problems or run `maskrcnn check-data`", stacklevel=2)
 
+    def _check_flip_map(self, *, explicit: bool, flipping: bool) -> None:
+        """A flip map that is no permutation or out of range is refused when images will be flipped
+        (it would corrupt every flipped image's keypoints); sided names left out are a warning."""
+        if not self.keypoint_names:
+            return
+        problem = flip_map_problem(self.keypoint_flip_map, len(self.keypoint_names))
+        if problem and (explicit or flipping):
+            where = "keypoint_flip_map (data.keypoint_flip_map)" if explicit else f"{self.source}: keypoint_flip_map"
+            raise CocoFormatError(f"{where} {self.keypoint_flip_map}: {problem}; flipped images would get wrong "
+                                  f"keypoints (keypoints {self.keypoint_names})")
+        unpaired = [] if problem else unpaired_sided_names(self.keypoint_names, self.keypoint_flip_map)
+        if unpaired:
+            self.problems.append(Problem("warning", None, None, "keypoint_flip_map",
+                                         f"keypoints {unpaired} read as left/right but no flip pair swaps them "
+                                         f"(flip map {self.keypoint_flip_map}): a horizontal flip mirrors the image "
+                                         "and leaves them on the wrong side; give the category a keypoint_flip_map "
+                                         "or set data.keypoint_flip_map"))
+            if flipping:
+                warnings.warn(f"{self.source}: {self.problems[-1].message}", stacklevel=3)
+
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self.records)
@@ -116,12 +142,27 @@ class CocoDataset(torch.utils.data.Dataset):
         """key: an index, or (index, augmentation seed) as the training loader passes it."""
         index, seed = (key, int(key)) if not isinstance(key, (tuple, list)) else (int(key[0]), int(key[1]))
         record = self.records[index]
-        image = self.load_image(record)
+        try:
+            image = self.load_image(record)
+        except RuntimeError as error:
+            if self.bad_images == "fail":
+                raise
+            return self._instead_of(index, seed, error)
         target = self.target(record)
         if self.transforms is not None:
             generator = torch.Generator().manual_seed(seed)
             image, target = self.transforms(image, target, generator)
         return image, target
+
+    def _instead_of(self, index: int, seed: int, error: RuntimeError) -> tuple[torch.Tensor, dict]:
+        """bad_images="skip": the next readable item, with a warning that counts the images skipped."""
+        self.skipped_images.add(index)
+        warnings.warn(f"{error}; skipped (data.bad_images=skip): {len(self.skipped_images)} image(s) skipped so far "
+                      f"in this process; `maskrcnn check-data --full` finds them all", stacklevel=3)
+        following = [i % len(self) for i in range(index + 1, index + len(self)) if i % len(self) not in self.skipped_images]
+        if not following:
+            raise RuntimeError(f"{self.source}: no image could be decoded ({len(self.skipped_images)} skipped)")
+        return self[(following[0], seed)]
 
     def load_image(self, record: ImageRecord) -> torch.Tensor:
         path = self.image_dir / record.file_name

@@ -5,17 +5,25 @@ Reading is forgiving per annotation and strict per file (CocoFormatError). The r
 
   image entry without id / file_name, duplicate id      -> image skipped (error)
   image file missing or header unreadable                -> image skipped (error)
+  pixels that do not decode (check_images="full")        -> image skipped (error)
   height / width missing (check_images="header")         -> taken from the file (repaired)
   decoded size differs from the JSON's width/height      -> see EXIF policy; else skipped (error)
   annotation without id, unknown image or category id    -> annotation skipped (error)
   bbox missing / not 4 finite numbers                    -> taken from the segmentation if there
                                                             is one (repaired), else skipped (error)
   bbox of zero area, or nothing left inside the image    -> annotation skipped (error)
-  bbox partly outside the image                          -> clipped to the image (repaired)
+  bbox partly outside the image                          -> clipped to the image (repaired); the
+                                                            message asks whether the file writes
+                                                            x1,y1,x2,y2 when those would fit
+  bbox that disagrees with its segmentation as x,y,w,h
+    but matches it as x1,y1,x2,y2 corners                -> read as corners (repaired)
   polygon part with < 3 points / odd length / NaN        -> part dropped (repaired)
   no usable segmentation left (empty, all parts dropped,
     RLE of the wrong size) in a data set with masks      -> kept as a box, has_mask False (repaired)
   keypoints of the wrong length or bad visibility flags  -> all keypoints unlabelled, v=0 (repaired)
+  labelled keypoints outside the image                   -> those unlabelled, v=0 (repaired)
+  keypoint_flip_map not a permutation / out of range     -> reported (error); CocoDataset refuses
+                                                            to flip images with it
   point_coords / point_labels of mismatched lengths      -> points dropped (repaired)
   iscrowd: 1                                             -> target["crowd_boxes"], counted
   iscrowd neither 0 nor 1 (as number, bool or string)    -> annotation skipped (error)
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +142,35 @@ def flip_map_from_names(names: list[str]) -> list[list[int]]:
         if "left" in name and name.replace("left", "right") in names:
             pairs.append([i, names.index(name.replace("left", "right"))])
     return pairs
+
+
+def flip_map_problem(flip_map: Any, num_keypoints: int) -> str | None:
+    """What is wrong with a keypoint flip map ([[left, right], ...] indices), or None.
+
+    Each index may appear in one pair only (the map is a permutation made of swaps); a map
+    that names a keypoint twice would move the wrong values into it on every flipped image.
+    """
+    if not isinstance(flip_map, (list, tuple)):
+        return f"expected a list of [left, right] index pairs, got {flip_map!r}"
+    seen: dict[int, list] = {}
+    for pair in flip_map:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
+            return f"entry {pair!r} is not a pair of keypoint indices"
+        for index in pair:
+            if not 0 <= index < num_keypoints:
+                return f"pair {list(pair)} is out of range for {num_keypoints} keypoints (indices 0..{num_keypoints - 1})"
+            if index in seen and seen[index] is not pair:
+                return f"keypoint {index} is in two pairs, {list(seen[index])} and {list(pair)}: not a permutation"
+            seen[index] = pair
+    return None
+
+
+def unpaired_sided_names(names: list[str], flip_map: list[list[int]] | None) -> list[str]:
+    """Keypoint names that read as left or right (left_eye, L_eye, eye_r) but are in no flip pair."""
+    paired = {index for pair in flip_map or [] for index in pair}
+    sided = re.compile(r"left|right|(^|[_\-. ])[lr]([_\-. ]|$)", re.IGNORECASE)
+    return [name for i, name in enumerate(names) if i not in paired and sided.search(name)]
 
 
 def read_image_header(path: Path) -> tuple[tuple[int, int], int]:
@@ -327,6 +365,11 @@ def _keypoint_schema(categories: list[dict], problems: list[Problem]
         problems.append(Problem("warning", None, None, "keypoint_sigmas",
                                 f"{len(sigmas)} values for {len(names)} keypoints: ignored"))
         sigmas = None
+    problem = flip_map_problem(flip_map, len(names)) if flip_map is not None else None
+    if problem:  # kept as written: CocoDataset refuses to flip with it
+        problems.append(Problem("error", None, None, "keypoint_flip_map",
+                                f"{problem}; flipped images would get wrong keypoints"))
+        return names, [float(s) for s in sigmas] if sigmas is not None else None, flip_map
     return (names, [float(s) for s in sigmas] if sigmas is not None else None,
             [list(p) for p in flip_map] if flip_map is not None else None)
 
@@ -371,8 +414,8 @@ def _read_image(entry: dict, image_dir: Path, *, check_images: str, report: _Rep
     if check_images != "none" and not path.is_file():
         report.skip("file_name", f"file {path} does not exist")
         return None
-    if check_images == "header":
-        checked = _check_header(path, size, (height, width), report)
+    if check_images in ("header", "full"):
+        checked = _check_header(path, size, (height, width), report, full=check_images == "full")
         if checked is None:
             return None
         size, apply_exif = checked
@@ -382,7 +425,7 @@ def _read_image(entry: dict, image_dir: Path, *, check_images: str, report: _Rep
     return ImageRecord(entry["id"], file_name, int(size[0]), int(size[1]), apply_exif)
 
 
-def _check_header(path: Path, size: tuple[int, int] | None, given: tuple, report: _Report
+def _check_header(path: Path, size: tuple[int, int] | None, given: tuple, report: _Report, *, full: bool
                   ) -> tuple[tuple[int, int], bool] | None:
     """((height, width), apply_exif) agreed between the JSON and the file's header, or None (reported)."""
     try:
@@ -390,6 +433,13 @@ def _check_header(path: Path, size: tuple[int, int] | None, given: tuple, report
     except Exception as error:  # PIL raises several types for corrupt files
         report.skip("file_name", f"file {path} cannot be read: {error}")
         return None
+    if full:
+        try:
+            with Image.open(path) as image:
+                image.load()  # a truncated or damaged file fails here, not in the header
+        except Exception as error:
+            report.skip("file_name", f"file {path} cannot be decoded: {error}")
+            return None
     upright = raw[::-1] if orientation in _ROTATING_ORIENTATIONS else raw
     if size is None:
         report.repair("height/width", f"missing or invalid ({given[0]!r}, {given[1]!r}): taken from the file {upright}")
@@ -429,16 +479,7 @@ def _read_annotation(ann: Any, index: int, *, images: _Images, schema: _Schema,
         return read
     if schema.has_masks and not segmentation:
         report.repair("segmentation", "no usable mask: kept as a box with has_mask False")
-    read.keypoints, note = _keypoints(ann.get("keypoints"), schema.num_keypoints)
-    if note:
-        report.repair("keypoints", note)
-        read.clean["keypoints"] = [0] * (3 * schema.num_keypoints)
-    if schema.num_keypoints:  # COCOeval reads num_keypoints (0 = ignored) and fails without it
-        labelled = int((read.keypoints[:, 2] > 0).sum())
-        if "num_keypoints" in ann and ann["num_keypoints"] != labelled and not note:
-            report.repair("num_keypoints", f"{ann['num_keypoints']!r} differs from the {labelled} labelled keypoints: "
-                                           f"set to {labelled}")
-        read.clean["num_keypoints"] = labelled
+    read.keypoints = _read_keypoints(ann, read.clean, record, schema=schema, report=report)
     read.point_coords, read.point_labels = _points(ann, report)
     return read
 
@@ -473,7 +514,7 @@ def _annotation_box(bbox: Any, segmentation: Any, record: ImageRecord, report: _
     """The x1y1x2y2 box clipped to the image (from the segmentation when bbox is unusable), or None."""
     height, width = record.height, record.width
     if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = _as_corners_if_written_so([float(v) for v in bbox], segmentation, record, report)
     elif segmentation:
         x, y, w, h = mask_utils.toBbox(_segmentation_rle(segmentation, height, width)).tolist()
         report.repair("bbox", f"missing or invalid {bbox!r}: taken from the segmentation")
@@ -489,8 +530,73 @@ def _annotation_box(bbox: Any, segmentation: Any, record: ImageRecord, report: _
         report.skip("bbox", f"{bbox!r} lies outside the {width}x{height} image")
         return None
     if clipped != box:
-        report.repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped")
+        # x1,y1,x2,y2 written where COCO wants x,y,width,height runs past the image but fits as corners
+        hint = ("; as x1,y1,x2,y2 it would lie inside the image: does the file write corners instead of "
+                "x,y,width,height?" if x < w <= width and y < h <= height else "")
+        report.repair("bbox", f"{bbox!r} extends outside the {width}x{height} image: clipped{hint}")
     return clipped
+
+
+def _as_corners_if_written_so(bbox: list[float], segmentation: Any, record: ImageRecord, report: _Report) -> list[float]:
+    """[x, y, w, h]; a bbox that disagrees with its own segmentation as x,y,w,h but agrees with it
+    as x1,y1,x2,y2 corners is read as corners (repaired, reported)."""
+    x, y, w, h = bbox
+    if not segmentation or w <= x or h <= y:
+        return bbox
+    if isinstance(segmentation, list):  # polygons: their extent, without rasterising
+        xs = [v for part in segmentation for v in part[0::2]]
+        ys = [v for part in segmentation for v in part[1::2]]
+        mask_box = (min(xs), min(ys), max(xs), max(ys))
+    else:
+        mask_x, mask_y, mask_w, mask_h = mask_utils.toBbox(_segmentation_rle(segmentation, record.height, record.width)).tolist()
+        mask_box = (mask_x, mask_y, mask_x + mask_w, mask_y + mask_h)
+    as_size, as_corners = _iou((x, y, x + w, y + h), mask_box), _iou((x, y, w, h), mask_box)
+    if as_size >= 0.5 or as_corners < 0.8:
+        return bbox
+    report.repair("bbox", f"{bbox!r} disagrees with its segmentation as x,y,width,height (IoU {as_size:.2f}) but "
+                          f"matches it as x1,y1,x2,y2 corners (IoU {as_corners:.2f}): read as corners")
+    return [x, y, w - x, h - y]
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """IoU of two x1y1x2y2 boxes (plain floats: one pair per annotation)."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _read_keypoints(ann: dict, clean: dict, record: ImageRecord, *, schema: _Schema, report: _Report) -> np.ndarray:
+    """[K, 3] keypoints of one annotation by the module's rules; `clean` gets the evaluation's copy."""
+    keypoints, note = _keypoints(ann.get("keypoints"), schema.num_keypoints)
+    if note:
+        report.repair("keypoints", note)
+        clean["keypoints"] = [0] * (3 * schema.num_keypoints)
+    elif schema.num_keypoints:
+        labelled = int((keypoints[:, 2] > 0).sum())
+        if "num_keypoints" in ann and ann["num_keypoints"] != labelled:
+            report.repair("num_keypoints", f"{ann['num_keypoints']!r} differs from the {labelled} labelled keypoints: "
+                                           f"set to {labelled}")
+        _keypoints_outside(keypoints, record, clean, report)
+    if schema.num_keypoints:  # COCOeval reads num_keypoints (0 = ignored) and fails without it
+        clean["num_keypoints"] = int((keypoints[:, 2] > 0).sum())
+    return keypoints
+
+
+def _keypoints_outside(keypoints: np.ndarray, record: ImageRecord, clean: dict, report: _Report) -> None:
+    """Marks labelled keypoints [K, 3] outside the image unlabelled, in place and in the evaluation
+    copy `clean` (reported)."""
+    x, y, v = keypoints[:, 0], keypoints[:, 1], keypoints[:, 2]
+    outside = (v > 0) & ((x < 0) | (y < 0) | (x > record.width) | (y > record.height))
+    if not outside.any():
+        return
+    where = ", ".join(f"{i} at ({x[i]:g}, {y[i]:g})" for i in np.flatnonzero(outside)[:5])
+    report.repair("keypoints", f"{int(outside.sum())} labelled keypoint(s) lie outside the {record.width}x"
+                               f"{record.height} image ({where}): marked unlabelled")
+    keypoints[outside] = 0
+    values = list(clean.get("keypoints") or [])
+    for i in np.flatnonzero(outside):
+        values[3 * i:3 * i + 3] = [0, 0, 0]
+    clean["keypoints"] = values
 
 
 def _clean_entry(ann: dict, box: tuple[float, float, float, float], segmentation: Any, record: ImageRecord,

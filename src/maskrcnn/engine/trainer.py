@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from torch import nn
 
 from maskrcnn.config import Config, config_to_dict, save_config, validate_config
 from maskrcnn.engine import distributed
-from maskrcnn.checkpoint.format import atomic_save
+from maskrcnn.checkpoint.format import atomic_save, remove_stale_temporaries
 from maskrcnn.engine.training_state import (
     BEST,
     LAST,
@@ -103,15 +104,16 @@ def build_datasets(config: Config, context: distributed.DistributedContext) -> t
     else:
         raise ValueError(f"data.name: unknown data set {data.name!r}; expected 'shapes' or 'coco'")
     train_dataset = CocoDataset(*train_files, **_train_dataset_options(config))
-    val_dataset = CocoDataset(*val_files) if val_files is not None else None
+    val_dataset = CocoDataset(*val_files, check_images=data.check_images) if val_files is not None else None
     return train_dataset, val_dataset
 
 
 def _train_dataset_options(config: Config) -> dict:
-    """Augmentation options of the training set (flip, photometric jitter, empty images)."""
+    """Options of the training set: augmentation (flip, photometric jitter), empty images, image checks."""
     data = config.data
     return {"keep_empty_images": data.keep_empty_images, "horizontal_flip": data.horizontal_flip,
-            "color_jitter": data.color_jitter, "keypoint_flip_map": data.keypoint_flip_map}
+            "color_jitter": data.color_jitter, "keypoint_flip_map": data.keypoint_flip_map,
+            "check_images": data.check_images, "bad_images": data.bad_images}
 
 
 def build_train_batches(dataset: Any, config: Config, context: distributed.DistributedContext,
@@ -145,6 +147,14 @@ def _load_initial_weights(model: nn.Module, path: str, *, detectron2_config: str
             print(f"train.init_weights: re-initialised {entry}", flush=True)
 
 
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Partial checkpoint files of a killed run (each as large as a checkpoint) go at start-up."""
+    removed = remove_stale_temporaries(output_dir)
+    if removed:
+        print(f"removed {len(removed)} stale temporary checkpoint file(s) left by an interrupted save in {output_dir}: "
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr)  # fmt: skip
+
+
 def check_data_fits_model(config: Config, dataset: Any) -> None:
     """Refuses at start-up what would otherwise fail at the first batch that shows it, with nothing saved.
 
@@ -152,6 +162,10 @@ def check_data_fits_model(config: Config, dataset: Any) -> None:
     a data set without them is not checked.
     """
     model, source = config.model, getattr(dataset, "source", "the training data")
+    if len(dataset) == 0:
+        dropped = " (data.keep_empty_images=false drops the images without annotations)" \
+            if not config.data.keep_empty_images else ""
+        raise ValueError(f"{source} has no usable training image{dropped}; `maskrcnn check-data` lists why")
     categories = getattr(dataset, "categories", None)
     if categories is not None and len(categories) > model.num_classes:
         raise ValueError(f"model.num_classes={model.num_classes}, but {source} has {len(categories)} categories "
@@ -401,6 +415,7 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
         print(f"config ({output_dir / 'config.yaml'}):\n{(output_dir / 'config.yaml').read_text()}", flush=True)
+        _remove_stale_temporaries(output_dir)
     if settings.cpu_threads is not None:
         # On a CPU shared with other work, fewer threads than cores can be several times faster:
         # each operator's threads wait for one another, and a busy core keeps them all waiting.

@@ -11,11 +11,14 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms, box_iou, nms
 
 # Box deltas larger than this would make exp() overflow a box to an absurd size; torchvision and
 # detectron2 both clamp dw, dh at log(1000 / 16): a box can grow at most 62.5x per decoding.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+# IoUs computed at once when matching (Matcher.match_boxes): 4M float32 = 16 MB per [M, N] matrix.
+MATCH_CHUNK_ELEMENTS = 1 << 22
 
 # Matcher outputs for predictions without a match.
 BELOW_LOW_THRESHOLD = -1  # background
@@ -105,19 +108,51 @@ class Matcher:
             return torch.full((num_predictions,), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=quality.device)
         if num_predictions == 0:
             return torch.empty((0,), dtype=torch.int64, device=quality.device)
+        best_quality, best_gt = quality.max(dim=0)  # [N], [N]
+        return self._assign(best_quality, best_gt, self._best_predictions(quality))
 
-        best_quality, matched_idxs = quality.max(dim=0)  # [N], [N]
-        best_gt_per_prediction = matched_idxs.clone()
+    def match_boxes(self, gt_boxes: Tensor, boxes: Tensor, *, chunk_elements: int | None = None) -> Tensor:
+        """`self(box_iou(gt_boxes, boxes))`, exactly, with at most ~`chunk_elements` IoUs alive at once
+        (default MATCH_CHUNK_ELEMENTS).
+
+        gt_boxes [M, 4], boxes [N, 4]. The full [M, N] matrix of a crowded image (1500 objects x
+        100k anchors) with box_iou's [M, N, 2] intermediates takes gigabytes; rows of ground truth
+        are taken a chunk at a time instead. Ties keep the first gt, as max(dim=0) does.
+        """
+        num_gt, num_predictions = len(gt_boxes), len(boxes)
+        chunk_elements = MATCH_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        rows = max(1, chunk_elements // max(num_predictions, 1))
+        if num_gt <= rows or num_predictions == 0:
+            return self(box_iou(gt_boxes, boxes))
+        best_quality = torch.full((num_predictions,), -math.inf, dtype=boxes.dtype, device=boxes.device)
+        best_gt = torch.zeros(num_predictions, dtype=torch.int64, device=boxes.device)
+        best_predictions = []
+        for start in range(0, num_gt, rows):
+            quality = box_iou(gt_boxes[start:start + rows], boxes)  # [rows, N]
+            values, indices = quality.max(dim=0)
+            better = values > best_quality  # strictly: an equal later gt does not replace the first
+            best_quality = torch.where(better, values, best_quality)
+            best_gt = torch.where(better, indices + start, best_gt)
+            if self.allow_low_quality_matches:
+                best_predictions.append(self._best_predictions(quality))
+        return self._assign(best_quality, best_gt, torch.cat(best_predictions) if best_predictions else None)
+
+    def _best_predictions(self, quality: Tensor) -> Tensor | None:
+        """Indices of the predictions that are the best of some gt row (ties included), or None."""
+        if not self.allow_low_quality_matches:
+            return None
+        best_quality_per_gt = quality.max(dim=1).values  # [M]
+        return torch.where(quality == best_quality_per_gt[:, None])[1]
+
+    def _assign(self, best_quality: Tensor, best_gt: Tensor, best_predictions: Tensor | None) -> Tensor:
+        """matched_idxs [N] from each prediction's best quality and gt (see the class docstring)."""
+        matched_idxs = best_gt.clone()
         matched_idxs[best_quality < self.low_threshold] = BELOW_LOW_THRESHOLD
         between = (best_quality >= self.low_threshold) & (best_quality < self.high_threshold)
         matched_idxs[between] = BETWEEN_THRESHOLDS
-
-        if self.allow_low_quality_matches:
-            # The predictions that are the best for some gt (ties included) keep their best gt,
-            # even when that overlap is low.
-            best_quality_per_gt = quality.max(dim=1).values  # [M]
-            _, best_predictions = torch.where(quality == best_quality_per_gt[:, None])
-            matched_idxs[best_predictions] = best_gt_per_prediction[best_predictions]
+        if best_predictions is not None:
+            # The predictions that are the best for some gt keep their best gt, even when that overlap is low.
+            matched_idxs[best_predictions] = best_gt[best_predictions]
         return matched_idxs
 
 

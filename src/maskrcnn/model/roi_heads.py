@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_area, box_iou
+from torchvision.ops import box_area
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.box_head import BoxHead, BoxPredictor, box_inference, fast_rcnn_loss
@@ -217,7 +217,7 @@ class RoIHeads(nn.Module):
         for proposals_in_image, target in zip(proposals, targets):  # loop over images
             gt_boxes = target["boxes"].to(proposals_in_image.dtype)
             boxes = torch.cat([proposals_in_image, gt_boxes])
-            matched = self.matcher(box_iou(gt_boxes, boxes))  # [Ri], gt index or -1 / -2
+            matched = self.matcher.match_boxes(gt_boxes, boxes)  # [Ri], gt index or -1 / -2
             if "crowd_boxes" in target:
                 matched = ignore_crowd(matched, boxes, target["crowd_boxes"], self.crowd_ioa_thresh)
             matched_or_zero = matched.clamp(min=0)

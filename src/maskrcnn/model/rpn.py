@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from .box_ops import (
     BELOW_LOW_THRESHOLD,
@@ -269,7 +269,7 @@ class RegionProposalNetwork(nn.Module):
         mostly inside a crowd region are ignored (see box_ops.ignore_crowd).
         """
         gt_boxes = target["boxes"].to(anchors.dtype)
-        matched_idxs = self.matcher(box_iou(gt_boxes, anchors))
+        matched_idxs = self.matcher.match_boxes(gt_boxes, anchors)
         if "crowd_boxes" in target:
             matched_idxs = ignore_crowd(matched_idxs, anchors, target["crowd_boxes"], self.crowd_ioa_thresh)
         labels = (matched_idxs >= 0).to(torch.float32)
