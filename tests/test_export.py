@@ -12,29 +12,19 @@ import pytest
 import torch
 
 from maskrcnn.cli import main
-from maskrcnn.config import ModelConfig
 from maskrcnn.export import export_model
 from maskrcnn.model.mask_rcnn import build_model
+from tiny_models import tiny_model
 from maskrcnn.checkpoint import save_checkpoint
 
-KINDS = {"box": (False, False), "mask": (True, False), "keypoint": (False, True)}
+KINDS = ("box", "mask", "keypoint")
 # Tolerances for onnxruntime (its resize and convolutions round differently); TorchScript runs
 # torch's own kernels and is compared at float precision.
 TOLERANCE = {"boxes": 1e-3, "scores": 1e-5, "masks": 1e-4, "keypoints": 1e-3, "keypoints_scores": 1e-4}
 
 
 def _tiny_model(kind: str) -> torch.nn.Module:
-    with_masks, with_keypoints = KINDS[kind]
-    config = ModelConfig(num_classes=3)
-    config.backbone.depth, config.backbone.norm, config.backbone.fpn_channels = 18, "bn", 16
-    config.transform.min_size_test, config.transform.max_size = 96, 160
-    config.rpn.pre_nms_top_n_test, config.rpn.post_nms_top_n_test = 200, 50
-    config.box_head.fc_dim, config.box_head.detections_per_img = 32, 20
-    config.mask_head.enabled, config.mask_head.conv_dim, config.mask_head.num_convs = with_masks, 8, 1
-    kp = config.keypoint_head
-    kp.enabled, kp.num_keypoints, kp.conv_dim, kp.num_convs = with_keypoints, 3, 8, 1
-    torch.manual_seed(0)
-    model = build_model(config).eval()
+    model = tiny_model(kind)
     _threshold_between_images(model)
     return model
 
@@ -79,7 +69,7 @@ def _assert_equal(outputs: list[np.ndarray], expected: dict[str, torch.Tensor], 
             np.testing.assert_allclose(value, reference, atol=atol, rtol=0, err_msg=name)
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
+@pytest.fixture(scope="module", params=KINDS)
 def model(request):
     return request.param, _tiny_model(request.param)
 

@@ -14,6 +14,7 @@ _LAZY = {
     "load_checkpoint": "maskrcnn.checkpoint",
     "save_checkpoint": "maskrcnn.checkpoint",
     "export_model": "maskrcnn.export",
+    "Predictor": "maskrcnn.predictor",
     "Config": "maskrcnn.config",
     "load_config": "maskrcnn.config",
     "optimize_for_cpu": "maskrcnn.engine.cpu_inference",

@@ -168,17 +168,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from maskrcnn.engine.predict import predict
+    from maskrcnn.engine.predict import image_ids_from_coco, predict
 
     device = _device(args.device)
     model, checkpoint = _load_model(args.weights, device)
+    image_ids = image_ids_from_coco(_read_json(args.annotations)) if args.annotations else None
     report = predict(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
-                     score_threshold=args.score_threshold, categories=_categories(checkpoint, args.annotations))  # fmt: skip
+                     score_threshold=args.score_threshold, categories=_categories(checkpoint, args.annotations),
+                     draw=not args.no_draw, save_masks=args.save_masks, image_ids=image_ids)  # fmt: skip
     for problem in report.problems:
         print(f"maskrcnn predict: {problem}", file=sys.stderr)
-    print(f"{len(report.pictures)} images, {report.detections} detections (score >= {args.score_threshold}); "
-          f"pictures in {args.out}, COCO results {report.results_path}"
-          + (f"; {len(report.problems)} path(s) skipped" if report.problems else ""))  # fmt: skip
+    if report.skipped:
+        names = ", ".join(str(p) for p in report.skipped[:10]) + (", ..." if len(report.skipped) > 10 else "")
+        print(f"maskrcnn predict: skipped {len(report.skipped)} file(s) that are neither images nor videos: {names}",
+              file=sys.stderr)  # fmt: skip
+    videos = f", {len(report.video_results)} video(s) (per-frame JSON beside them)" if report.video_results else ""
+    print(f"{len(report.pictures) if not args.no_draw else 'no'} pictures, {report.detections} image detections "
+          f"(score >= {args.score_threshold}){videos}; outputs in {args.out}, COCO results {report.results_path}"
+          + (f"; {len(report.problems)} input(s) skipped" if report.problems else ""))  # fmt: skip
     return 1 if report.problems else 0
 
 
@@ -300,15 +307,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--num-workers", type=int, default=2)
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
 
-    predict = add("predict", cmd_predict, "draw predictions on images and write COCO results")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    predict = add("predict", cmd_predict, "draw predictions on images and videos and write COCO results")
+    predict.description = (
+        "Predict on image files, video files and folders of them (not recursive). In a folder a file is an image "
+        "when its suffix says so or PIL recognises its content, a video by its suffix; other files are listed as "
+        "skipped. Images: one PNG each and one COCO results JSON. Videos: an annotated .mp4 (H.264) and a JSON "
+        "with one entry per frame. Exit 1 when an input could not be processed (each is named)."
+    )
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files and/or folders")
     predict.add_argument("--weights", required=True, help="checkpoint (.pth)")
-    predict.add_argument("--out", required=True, help="output folder: one PNG per image + results.json")
+    predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
-    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--batch-size", type=int, default=4, help="images or frames per model call")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    predict.add_argument("--annotations", help="COCO JSON whose categories give the keypoint skeleton, and name the labels of a checkpoint "
-                         "without its own label table (default: the checkpoint's)")
+    predict.add_argument("--annotations", help="COCO JSON: its categories name the labels (default: the checkpoint's), "
+                                               "and results carry its image ids (matched by file_name), so they can be scored")
+    predict.add_argument("--no-draw", action="store_true", help="write no pictures or annotated videos, only results")
+    predict.add_argument("--save-masks", choices=("rle", "png", "none"), default="rle",
+                         help="rle (default): COCO RLE in each result's segmentation; png: one PNG per detection in "
+                              "OUT/masks/, named by the result's mask_file; none: no masks")  # fmt: skip
 
     export = add("export", cmd_export, "write the whole model (resize, normalise, detect, paste) as ONNX or TorchScript")
     export.description = (

@@ -84,18 +84,12 @@ class ExportableMaskRCNN(nn.Module):
 
     # ------------------------------------------------------------------ steps
     def preprocess(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Normalise, resize (the shorter side to `min_size_test`, the longer at most `max_size`, the
-        same float64 arithmetic as the eager transform) and pad to a multiple of `size_divisible`."""
+        """Normalise (the eager transform's own `normalize`), resize to the eager transform's size in
+        the same float64 arithmetic, and pad to a multiple of `size_divisible`."""
         transform = self.transform
-        mean = torch.tensor(transform.image_mean, dtype=images.dtype)[:, None, None]
-        std = torch.tensor(transform.image_std, dtype=images.dtype)[:, None, None]
-        size = torch._shape_as_tensor(images)[-2:].to(torch.float64)
-        # float64 tensors on both sides: a Python number over a tensor becomes a float32 reciprocal in ONNX
-        shorter, longer = (torch.tensor(float(s), dtype=torch.float64) for s in (transform.min_size_test, transform.max_size))
-        scale = torch.minimum(shorter / size.min(), longer / size.max())
-        resized_size = torch.floor(size * scale).to(torch.int64)  # [2] (h, w)
-        resized = F.interpolate((images - mean) / std, size=(resized_size[0], resized_size[1]),
-                                mode="bilinear", align_corners=False)  # fmt: skip
+        normalized = torch.stack([transform.normalize(image) for image in images.unbind(0)])
+        resized_size = _resized_size(torch._shape_as_tensor(images)[-2:], transform)  # [2] (h, w)
+        resized = F.interpolate(normalized, size=(resized_size[0], resized_size[1]), mode="bilinear", align_corners=False)
         stride = transform.size_divisible
         padding = torch.div(resized_size + stride - 1, stride, rounding_mode="floor") * stride - resized_size
         return F.pad(resized, (0, padding[1], 0, padding[0])), resized_size
@@ -141,29 +135,52 @@ class ExportableMaskRCNN(nn.Module):
             outputs.append(masks)
         if self.has_keypoints:
             heatmaps = heads.keypoint_head(_pool(heads.keypoint_pooler, features, boxes, index, image_size))
-            keypoints, keypoint_scores = decode_keypoints(heatmaps, boxes)
+            keypoints, keypoint_scores = decode_keypoints(heatmaps, boxes, heads.keypoint_decoding == "detectron2")
             ratio_xy = torch.cat([ratio.flip(0), torch.ones(1)])
             outputs += [keypoints * ratio_xy, keypoint_scores]
         return outputs
 
     def box_inference(self, class_logits: Tensor, box_deltas: Tensor, proposals: Tensor,
                       image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        """The eager `box_inference` for one image: one box per (proposal, class) pair, kept above
-        `score_thresh`, wider and taller than 0.01 px, NMS per class, the best `detections_per_img`."""
+        """The eager `box_inference` for one image: one box per (proposal, class) pair (suppressed
+        labels left out), kept above `score_thresh`, NMS per class, the best `detections_per_img`;
+        degenerate boxes dropped before NMS ("torchvision") or empty ones after it ("detectron2")."""
         heads = self.roi_heads
         num_classes = class_logits.shape[-1]
+        classes = torch.tensor([c for c in range(1, num_classes) if c not in heads.suppressed_labels], dtype=torch.int64)
         boxes = _clip(heads.box_coder.decode(box_deltas, proposals).reshape(-1, 4), image_size)
-        boxes = boxes.reshape(-1, num_classes, 4)[:, 1:].reshape(-1, 4)
-        scores = F.softmax(class_logits, dim=-1)[:, 1:].reshape(-1)
-        labels = torch.arange(1, num_classes)[None].expand(class_logits.shape[0], -1).reshape(-1)
-        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        keep = torch.where((scores > heads.score_thresh) & (widths >= 1e-2) & (heights >= 1e-2))[0]
+        boxes = boxes.reshape(-1, num_classes, 4)[:, classes].reshape(-1, 4)
+        scores = F.softmax(class_logits, dim=-1)[:, classes].reshape(-1)
+        labels = classes[None].expand(class_logits.shape[0], -1).reshape(-1)
+        keep = scores > heads.score_thresh
+        if heads.box_postprocess == "torchvision":
+            keep &= (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
+        keep = torch.where(keep)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = _batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
+        if heads.box_postprocess == "detectron2":
+            keep = keep[((boxes[keep, 2:] - boxes[keep, :2]) > 0).all(dim=1)]
         return boxes[keep], scores[keep], labels[keep]
 
 
 # --------------------------------------------------------------------------- traceable pieces
+def _resized_size(size: Tensor, transform: nn.Module) -> Tensor:
+    """`ImageTransform.resize`'s output size for an image of `size [2]` (h, w), as int64 `[2]`:
+    floor(side * scale) ("floor", torchvision's) or detectron2's rounding ("round"), >= 1 pixel."""
+    size = size.to(torch.float64)
+    # float64 tensors on both sides: a Python number over a tensor becomes a float32 reciprocal in ONNX
+    shorter, longer = (torch.tensor(float(s), dtype=torch.float64) for s in (transform.min_size_test, transform.max_size))
+    if transform.size_rounding == "floor":
+        resized = torch.floor(size * torch.minimum(shorter / size.min(), longer / size.max()))
+    else:  # the shorter side becomes min_size exactly, then both shrink to fit max_size; rounded
+        scaled = size * (shorter / size.min())
+        height_shorter = size[0] < size[1]
+        resized = torch.stack([torch.where(height_shorter, shorter, scaled[0]), torch.where(height_shorter, scaled[1], shorter)])
+        resized = resized * torch.clamp(longer / resized.max(), max=1.0)
+        resized = torch.floor(resized + 0.5)
+    return resized.clamp(min=1).to(torch.int64)
+
+
 def _at_most(count: Tensor, limit: int) -> Tensor | int:
     """min(count, limit) that stays a tensor in a trace (so topk's k follows the image size)."""
     if torch.jit.is_tracing():
@@ -243,10 +260,11 @@ def paste_masks_dense(masks: Tensor, boxes: Tensor, image_size: Tensor, *, paddi
 
 
 @torch.jit.script_if_tracing
-def decode_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+def decode_keypoints(heatmaps: Tensor, rois: Tensor, softmax_scores: bool) -> tuple[Tensor, Tensor]:
     """The eager `heatmaps_to_keypoints`, one RoI at a time (scripted inside a trace, since each
     RoI's heatmap is resized to its own size): `heatmaps [R, K, S, S]`, `rois [R, 4]` ->
-    keypoints `[R, K, 3]` (x, y, 1) and scores `[R, K]`."""
+    keypoints `[R, K, 3]` (x, y, 1) and scores `[R, K]`: the resized logit at the argmax, or with
+    `softmax_scores` its softmax weight over the S x S cells (decoding "detectron2")."""
     num_keypoints = heatmaps.shape[1]
     widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
@@ -266,6 +284,8 @@ def decode_keypoints(heatmaps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         points = torch.stack([point_x, point_y, torch.ones_like(point_x)], dim=1)
         keypoints = torch.cat([keypoints, points[None]])
         scores = torch.cat([scores, flat.gather(1, best[:, None])[:, 0][None]])
+    if softmax_scores:
+        scores = 1 / (heatmaps.to(torch.float32) - scores[:, :, None, None]).exp().sum(dim=(2, 3))
     return keypoints, scores
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +137,26 @@ def contact_sheet(tiles: Sequence[tuple[str, torch.Tensor, torch.Tensor]], *, co
             draw.text((left, y + 2), caption, fill=(0, 0, 0), font=font)
             sheet.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (left, y + header))
     return torch.from_numpy(np.array(sheet)).permute(2, 0, 1).contiguous()
+
+
+def overlay_masks(
+    canvas: torch.Tensor,
+    chunks: Iterable[tuple[int, torch.Tensor]],
+    *,
+    colors: Sequence[tuple[int, int, int]],
+    alpha: float = 0.45,
+) -> torch.Tensor:
+    """Blend masks into `canvas uint8 [3, H, W]`, as `draw_segmentation_masks` does, from chunks
+    `(start, bool [n, H, W])` of masks `start..start + n` (so that all N masks never have to be
+    dense at once); a later mask covers an earlier one. `colors[i]` is mask i's colour."""
+    layer = canvas.clone()
+    covered = torch.zeros(canvas.shape[-2:], dtype=torch.bool)
+    for start, masks in chunks:
+        for offset, mask in enumerate(masks.cpu()):  # drawing: one indexed write per mask
+            layer[:, mask] = torch.tensor(colors[start + offset], dtype=torch.uint8)[:, None]
+            covered |= mask
+    blended = (canvas.float() * (1 - alpha) + layer.float() * alpha).to(torch.uint8)
+    return torch.where(covered, blended, canvas)
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:

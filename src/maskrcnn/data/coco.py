@@ -27,23 +27,28 @@ from maskrcnn.data.coco_parse import (CocoFormatError, ImageRecord, Problem, fli
                                       load_json, parse_coco, read_image_header, unpaired_sided_names)
 from maskrcnn.data.masks import InstanceMasks
 
-__all__ = ["CocoDataset", "CocoFormatError", "Problem", "decode_image", "read_image_header"]
+__all__ = ["CocoDataset", "CocoFormatError", "Problem", "decode_image", "image_to_tensor", "read_image_header"]
 
 
 def decode_image(path: Path, *, apply_exif: bool = True) -> torch.Tensor:
     """float32 [3, H, W] in 0-1 from grayscale, RGB, RGBA (alpha dropped), palette, CMYK, 16-bit."""
     with Image.open(path) as image:
-        if apply_exif:
-            image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the precision
-            grey = np.asarray(image, dtype=np.float32) / 65535.0
-            return torch.from_numpy(np.clip(grey, 0, 1))[None].expand(3, -1, -1).contiguous()
-        if image.mode == "F":
-            grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
-            return torch.from_numpy(grey)[None].expand(3, -1, -1).contiguous()
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
+        return image_to_tensor(image, apply_exif=apply_exif)
+
+
+def image_to_tensor(image: Image.Image, *, apply_exif: bool = True) -> torch.Tensor:
+    """A PIL image in any mode -> float32 [3, H, W] in 0-1 (decode_image's conversion)."""
+    if apply_exif:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the precision
+        grey = np.asarray(image, dtype=np.float32) / 65535.0
+        return torch.from_numpy(np.clip(grey, 0, 1))[None].expand(3, -1, -1).contiguous()
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+        return torch.from_numpy(grey)[None].expand(3, -1, -1).contiguous()
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

@@ -78,6 +78,23 @@ class MaskRCNN(nn.Module):
         return self._to_original_size(detections, batch.image_sizes, original_sizes)
 
     @torch.no_grad()
+    def detect(self, images: list[Tensor], *, paste_masks: bool = True) -> list[dict[str, Tensor]]:
+        """`model(images)` in eval mode; with `paste_masks=False` the masks stay `[N, 1, M, M]`
+        probabilities over their boxes (boxes at the image's own size), N * M * M values instead of
+        N * H * W: paste them when and where they must be dense (`mask_head.paste_masks`, with
+        `aligned=model.paste_aligned`)."""
+        if self.training:
+            raise RuntimeError("detect runs in eval mode: call model.eval() first")
+        if paste_masks:
+            return self(images)
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        batch, _ = self.transform(images)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    @torch.no_grad()
     def segment_boxes(self, images: list[Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[dict[str, Tensor]]:
         """Run the mask (and keypoint) heads on given boxes instead of the detector's: the
         "ground-truth boxes" evaluation of Birodkar et al. 2021, or masks for boxes from elsewhere.

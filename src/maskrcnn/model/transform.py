@@ -158,13 +158,13 @@ class ImageTransform(nn.Module):
         min_size = self.choose_min_size()
         scale = min(min_size / min(original_size), self.max_size / max(original_size))
         if self.size_rounding == "floor":
-            # recompute_scale_factor=True: the output size is floor(side * scale), and the sampling grid
-            # follows that size (torchvision's call, hence its exact pixels).
-            image = F.interpolate(
-                image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-            )[0]
+            # The output size is floor(side * scale) and the sampling grid follows that size: the pixels
+            # of torchvision's call (scale_factor with recompute_scale_factor=True). At least 1 pixel, so
+            # that an extreme aspect ratio (10000 x 10) shrinks its short side to 1 instead of failing.
+            size = tuple(max(1, math.floor(float(side) * scale)) for side in original_size)
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         else:
-            size = rounded_size(original_size, min_size, self.max_size)
+            size = tuple(max(1, side) for side in rounded_size(original_size, min_size, self.max_size))
             if size != original_size:  # the same size is the identity (detectron2 skips it too)
                 image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
