@@ -13,7 +13,7 @@ from PIL import Image
 
 from maskrcnn.cli import _categories, build_parser, main
 
-SUBCOMMANDS = ["demo", "train", "evaluate", "predict", "convert", "check-data", "points"]
+SUBCOMMANDS = ["demo", "train", "evaluate", "predict", "export", "convert", "check-data", "points"]
 
 # A model and data set small enough for seconds on a CPU (the recipe is src/maskrcnn/configs/shapes_demo.yaml).
 TINY = [

@@ -14,7 +14,7 @@ import torch
 from maskrcnn.cli import main
 from maskrcnn.export import export_model
 from maskrcnn.model.mask_rcnn import build_model
-from tiny_models import tiny_model
+from tiny_models import tiny_config, tiny_model
 from maskrcnn.checkpoint import save_checkpoint
 
 KINDS = ("box", "mask", "keypoint")
@@ -143,3 +143,23 @@ def test_cli_export_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("maskrcnn export:") and "nope.pth" in error and "\n" not in error
+
+
+def test_detectron2_style_options_export_too(tmp_path):
+    # BGR 0-255 inputs, detectron2's size rounding, box post-processing and keypoint scores, a suppressed label
+    config = tiny_config("all")
+    transform = config.transform
+    transform.channel_order, transform.pixel_scale, transform.size_rounding = "BGR", 255.0, "round"
+    transform.image_mean, transform.image_std = [103.5, 116.3, 123.7], [57.4, 57.1, 58.4]
+    config.box_head.postprocess, config.box_head.suppressed_labels = "detectron2", [2]
+    config.keypoint_head.decoding = "detectron2"
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    _threshold_between_images(model)
+    path = export_model(model, tmp_path / "d2.onnx", format="onnx", example_size=(64, 80))
+    names = ["boxes", "labels", "scores", "masks", "keypoints", "keypoints_scores"]
+    for image in _images():
+        with torch.no_grad():
+            expected = model([image])[0]
+        _assert_equal(_run_exported(path, "onnx", image[None]), expected, names, "onnx")
+        assert 2 not in expected["labels"].tolist()

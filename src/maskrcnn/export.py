@@ -154,7 +154,7 @@ class ExportableMaskRCNN(nn.Module):
         labels = classes[None].expand(class_logits.shape[0], -1).reshape(-1)
         keep = scores > heads.score_thresh
         if heads.box_postprocess == "torchvision":
-            keep &= (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
+            keep = keep & (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)  # no &=: ONNX
         keep = torch.where(keep)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = _batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]

@@ -155,8 +155,11 @@ def overlay_masks(
         for offset, mask in enumerate(masks.cpu()):  # drawing: one indexed write per mask
             layer[:, mask] = torch.tensor(colors[start + offset], dtype=torch.uint8)[:, None]
             covered |= mask
-    blended = (canvas.float() * (1 - alpha) + layer.float() * alpha).to(torch.uint8)
-    return torch.where(covered, blended, canvas)
+    out = canvas.clone()
+    for rows in torch.arange(canvas.shape[-2]).split(256):  # float blending a band of rows at a time
+        band = (canvas[:, rows].float() * (1 - alpha) + layer[:, rows].float() * alpha).to(torch.uint8)
+        out[:, rows] = torch.where(covered[rows], band, canvas[:, rows])
+    return out
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:

@@ -288,6 +288,8 @@ def match_image_id(path: Path, image_ids: Mapping[str, int]) -> int | None:
 
 def _predict_video(writer: _Writer, path: Path, report: PredictionReport, taken: set[str]) -> None:
     """Frames through the predictor in batches; an annotated video and one JSON with an entry per frame."""
+    import av
+
     from maskrcnn.engine.video import VideoReader, VideoWriter
 
     try:
@@ -299,13 +301,16 @@ def _predict_video(writer: _Writer, path: Path, report: PredictionReport, taken:
     video_out = VideoWriter(writer.out_dir / f"{stem}.mp4", fps=reader.fps) if writer.draw else None
     frames: list[dict] = []
     with reader:
-        for batch in reader.batches(writer.predictor.batch_size):  # [(index, time, float [3, H, W])]
-            for (index, time, image), result in zip(batch, writer.predictor.predict_tensors([b[2] for b in batch])):
-                if video_out is not None:
-                    video_out.write(writer.draw_picture(image, result))
-                detections = writer.coco_results(result, (image.shape[-2], image.shape[-1]), image_id=index,
-                                                 mask_stem=f"{stem}_frame{index}")  # fmt: skip
-                frames.append({"frame": index, "time": round(time, 6), "detections": detections})
+        try:
+            for batch in reader.batches(writer.predictor.batch_size):  # [(index, time, float [3, H, W])]
+                for (index, time, image), result in zip(batch, writer.predictor.predict_tensors([b[2] for b in batch])):
+                    if video_out is not None:
+                        video_out.write(writer.draw_picture(image, result))
+                    detections = writer.coco_results(result, (image.shape[-2], image.shape[-1]), image_id=index,
+                                                     mask_stem=f"{stem}_frame{index}")  # fmt: skip
+                    frames.append({"frame": index, "time": round(time, 6), "detections": detections})
+        except (av.FFmpegError, OSError, ValueError) as error:  # a damaged stream
+            report.problems.append(f"{path}: stopped after {len(frames)} frame(s): {error}")
     if video_out is not None:
         report.videos.append(video_out.close())
     summary = {"video": str(path), "fps": reader.fps, "width": reader.width, "height": reader.height, "frames": frames}
