@@ -36,8 +36,37 @@ def test_empty_and_odd_sizes(head_cls):
     head = head_cls(in_channels=4, num_classes=1, conv_dim=8, num_convs=3)
     empty = head(torch.zeros(0, 4, 14, 14))
     assert empty.shape == (0, 1, 28, 28)
-    # 7 x 7 crops go 7 -> 4 -> 2 -> 1 in a 3-level hourglass and must come back to 7.
+    # 7 x 7 crops are upsampled to 14, which goes 14 -> 7 -> 4 -> 2 in a 3-level hourglass and
+    # must come back to 14 (odd sizes on the way).
     assert head(torch.randn(2, 4, 7, 7)).shape == (2, 1, 14, 14)
+
+
+def _block_input_sizes(head: nn.Module, features: torch.Tensor) -> list[int]:
+    """The spatial sizes that the residual blocks of `head` receive, in call order."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[-1]))
+             for m in head.modules() if isinstance(m, ResidualBlock)]  # fmt: skip
+    head(features)
+    for hook in hooks:
+        hook.remove()
+    return sizes
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_hourglass_runs_on_the_upsampled_grid(levels):
+    """On 14 x 14 crops the hourglass works on the 28 x 28 mask grid: level l (0-based) receives
+    ceil(28 / 2^l) and its down block hands ceil(28 / 2^(l + 1)) to the level below, so two levels
+    bottom out at 7 x 7 (not 4 x 4, as when it ran on the crop itself)."""
+    head = HourglassMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=levels)
+    sizes = _block_input_sizes(head, torch.randn(2, 4, 14, 14))
+    expected_levels = [math.ceil(28 / 2**level) for level in range(levels + 1)]  # 28, 14, 7, 4
+    assert sorted(set(sizes), reverse=True) == expected_levels
+    assert min(sizes) == math.ceil(28 / 2**levels)
+    # Per level: skip and down at its own size, up at the size below; plus one bottom block.
+    assert len(sizes) == 3 * levels + 1
+    # The residual head keeps the crop's resolution.
+    residual = ResidualMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=3)
+    assert _block_input_sizes(residual, torch.randn(2, 4, 14, 14)) == [14, 14, 14]
 
 
 def _copy_bn(ours: nn.BatchNorm2d, theirs: nn.BatchNorm2d) -> None:
@@ -175,3 +204,22 @@ def test_config_block_reaches_the_model(architecture, block):
     # A basic block's branch has two 3x3 convs; a bottleneck's has 1x1, 3x3, 1x1.
     kernels = {tuple(c.kernel_size for c in b.branch if isinstance(c, nn.Conv2d)) for b in blocks}
     assert kernels == ({((3, 3), (3, 3))} if block == "basic" else {((1, 1), (3, 3), (1, 1))})
+
+
+def test_hourglass_trains_at_the_experiments_width():
+    """The hourglass as the partial-supervision experiment builds it (64 channels, GroupNorm,
+    bottleneck blocks) fits the toy masks on a tiny batch."""
+    torch.manual_seed(0)
+    features, targets = _toy_problem()
+    head = HourglassMaskHead(in_channels=4, num_classes=1, conv_dim=64, num_convs=2, norm="gn")
+    optimizer = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.binary_cross_entropy_with_logits(head(features), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(2)) < 1e-2  # the near-zero predictor's start
+    assert all(math.isfinite(value) for value in losses)
+    assert losses[-1] < 0.5 * losses[0], losses

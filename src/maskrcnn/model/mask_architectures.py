@@ -19,6 +19,12 @@ name:
 Layers (parameter names): `stem` (conv3x3 in_channels -> conv_dim [+ norm] + ReLU), `body` (the
 residual blocks, or the outermost HourglassLevel), `deconv` (ConvTranspose2d conv_dim -> conv_dim,
 2x2, s2), `predictor` (conv1x1 conv_dim -> num_classes). No torchvision counterpart.
+
+Order: the residual head runs its blocks on the S x S crop, then upsamples (stem -> body ->
+deconv -> predictor, as the FCN); the hourglass upsamples first and runs on the 2S x 2S mask grid
+(stem -> deconv -> body -> predictor). An hourglass halves its input once per level, and on the
+14 x 14 crop two levels already reach 4 x 4, too coarse to hold a shape; on the 28 x 28 grid two
+levels go 28 -> 14 -> 7, so that its coarsest level sees the crop at half its resolution.
 """
 
 from __future__ import annotations
@@ -126,12 +132,17 @@ def _check_norm(norm: str) -> None:
 
 
 class _MaskHeadBase(nn.Module):
-    """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor, initialised like the FCN
-    except for the predictor (see `_init_weights`)."""
+    """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor (or, with `body_after_upsampling`,
+    stem -> transposed conv -> ReLU -> body -> predictor), initialised like the FCN except for the
+    predictor (see `_init_weights`)."""
 
-    def __init__(self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module) -> None:
+    def __init__(
+        self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module,
+        body_after_upsampling: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         _check_norm(norm)
+        self.body_after_upsampling = body_after_upsampling
         self.stem = nn.Sequential(_conv(in_channels, conv_dim, 3, norm=norm), _norm_layer(norm, conv_dim), nn.ReLU(inplace=True))
         self.body = body
         self.deconv = nn.ConvTranspose2d(conv_dim, conv_dim, kernel_size=2, stride=2)
@@ -163,8 +174,11 @@ class _MaskHeadBase(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """features: [R, in_channels, S, S] -> mask logits [R, num_classes, 2S, 2S]."""
-        x = self.body(self.stem(features))  # [R, conv_dim, S, S]
-        x = F.relu(self.deconv(x))  # [R, conv_dim, 2S, 2S]
+        x = self.stem(features)  # [R, conv_dim, S, S]
+        if self.body_after_upsampling:
+            x = self.body(F.relu(self.deconv(x)))  # [R, conv_dim, 2S, 2S]
+        else:
+            x = F.relu(self.deconv(self.body(x)))  # [R, conv_dim, 2S, 2S]
         return self.predictor(x)
 
 
@@ -199,8 +213,9 @@ class ResidualMaskHead(_MaskHeadBase):
 
 class HourglassMaskHead(_MaskHeadBase):
     """An hourglass (encoder-decoder with a skip connection at every resolution) of `num_convs`
-    levels: a 14 x 14 crop goes 14 -> 7 -> 4 -> 2 with three levels and back up. Each level holds
-    four residual blocks (skip, down, up, and the bottom block or the next level).
+    levels on the upsampled 2S x 2S grid: a 14 x 14 crop is upsampled to 28 x 28, which goes
+    28 -> 14 -> 7 with two levels (-> 4 with three) and back up. Each level holds three residual
+    blocks (skip, down, up) plus the next level, or a bottom block at the last one.
 
     Args:
         in_channels, num_classes, conv_dim, norm: as ResidualMaskHead.
@@ -222,4 +237,5 @@ class HourglassMaskHead(_MaskHeadBase):
             raise ValueError(f"hourglass mask head: num_convs (levels) must be >= 1, got {num_convs}")
         _check_norm(norm)
         body = HourglassLevel(channels=conv_dim, levels=num_convs, block=block, norm=norm)
-        super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body)
+        super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body,
+                         body_after_upsampling=True)  # fmt: skip
