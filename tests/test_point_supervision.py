@@ -45,21 +45,23 @@ def _bilinear_by_hand(grid: list[list[float]], x: float, y: float) -> float:
     )
 
 
-def _reference_loss(logits, boxes, points, point_labels, labels) -> float:
-    """The loss written out point by point: box frame -> cell coordinates -> bilinear -> BCE."""
-    total, count = 0.0, 0
+def _reference_loss(logits, boxes, points, point_labels, labels, *, average: str = "valid_points") -> float:
+    """The loss written out point by point: box frame -> cell coordinates -> bilinear -> BCE,
+    divided by the points used ("valid_points") or by every labelled point ("all_points")."""
+    total, count, labelled = 0.0, 0, 0
     for r in range(logits.shape[0]):
         channel = 0 if logits.shape[1] == 1 else int(labels[r])
         grid = logits[r, channel].tolist()
         x1, y1, x2, y2 = boxes[r].tolist()
         for (x, y), target in zip(points[r].tolist(), point_labels[r].tolist()):
+            labelled += target >= 0
             if target < 0 or not (x1 <= x <= x2 and y1 <= y <= y2):
                 continue
             value = _bilinear_by_hand(grid, (x - x1) / (x2 - x1) * M, (y - y1) / (y2 - y1) * M)
             # BCE with logits: softplus(z) - t * z
             total += math.log1p(math.exp(-abs(value))) + max(value, 0.0) - target * value
             count += 1
-    return total / count
+    return total / (count if average == "valid_points" else labelled)
 
 
 @pytest.mark.parametrize("num_classes", [1, 4])
@@ -68,6 +70,20 @@ def test_equals_hand_written_bilinear_bce(num_classes):
     loss = point_mask_loss(logits, boxes, points, point_labels, labels)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - _reference_loss(logits, boxes, points, point_labels, labels)) < 1e-5
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_all_points_average_equals_hand_written(num_classes):
+    """PointSup's normalisation: the same sum over the points inside their RoI, divided by every
+    labelled point (those outside count as zero), i.e. valid / labelled times our average."""
+    logits, boxes, points, point_labels, labels = _problem(num_rois=4, num_points=9, num_classes=num_classes, seed=5)
+    loss = point_mask_loss(logits, boxes, points, point_labels, labels, average="all_points")
+    expected = _reference_loss(logits, boxes, points, point_labels, labels, average="all_points")
+    assert abs(loss.item() - expected) < 1e-5
+    valid = point_mask_loss(logits, boxes, points, point_labels, labels)
+    assert loss.item() < valid.item()  # some labelled points of this problem lie outside their RoI
+    with pytest.raises(ValueError, match="average"):
+        point_mask_loss(logits, boxes, points, point_labels, labels, average="points")
 
 
 def test_equals_roi_align_sampling():

@@ -241,12 +241,14 @@ def test_only_instances_with_masks_of_chosen_classes_train_the_mask_head(restric
     assert all(p.grad is None or torch.all(p.grad == 0) for p in heads.mask_head.parameters())
 
 
-def test_point_supervision_uses_point_mask_loss():
+@pytest.mark.parametrize("average", ["valid_points", "all_points"])
+def test_point_supervision_uses_point_mask_loss(average):
     from maskrcnn.model.point_supervision import point_mask_loss
 
     torch.manual_seed(0)
     heads = build_roi_heads(
-        _config(keypoints=False, train_on="gt_boxes", point_supervision=True), in_channels=CHANNELS
+        _config(keypoints=False, train_on="gt_boxes", point_supervision=True, point_loss_average=average),
+        in_channels=CHANNELS,
     ).train()
     features, proposals, targets = _inputs()
     g = torch.Generator().manual_seed(5)
@@ -258,12 +260,14 @@ def test_point_supervision_uses_point_mask_loss():
     _, losses = heads(features, proposals, IMAGE_SIZES, targets)
     boxes = [t["boxes"] for t in targets]
     logits = heads.mask_head(heads.mask_pooler(features, boxes, IMAGE_SIZES))
-    expected = point_mask_loss(
-        logits, torch.cat(boxes), torch.cat([t["point_coords"] for t in targets]),
-        torch.cat([t["point_labels"] for t in targets]), torch.cat([t["labels"] for t in targets]),
-    )
+    arguments = (logits, torch.cat(boxes), torch.cat([t["point_coords"] for t in targets]),
+                 torch.cat([t["point_labels"] for t in targets]), torch.cat([t["labels"] for t in targets]))  # fmt: skip
+    expected = point_mask_loss(*arguments, average=average)
     torch.testing.assert_close(losses["loss_mask"], expected)
     assert expected > 0
+    # Some points lie outside their (30 px or smaller) boxes, so the two averages differ.
+    other = "all_points" if average == "valid_points" else "valid_points"
+    assert not torch.allclose(expected, point_mask_loss(*arguments, average=other))
 
 
 def test_point_subset_each_iteration():

@@ -124,6 +124,9 @@ class MaskHeadConfig:
     # Cheng et al. 2021: point supervision
     point_supervision: bool = False
     points_per_instance: int | None = None  # random subset each iteration; None = all points
+    # "valid_points": the point loss averages over the labelled points inside each RoI;
+    # "all_points": over all labelled points of the RoIs' objects (PointSup's code), see point_supervision.py
+    point_loss_average: str = "valid_points"
 
 
 @dataclass

@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# How the point loss is averaged: over the labelled points that lie in their RoI (ours), or over
+# every labelled point of the RoIs' instances, those outside the RoI adding zero (PointSup's code
+# in detectron2: `reduction="mean"` with a 0 / 1 weight, i.e. divided by RoIs x points).
+POINT_LOSS_AVERAGES = ("valid_points", "all_points")
+
 
 def point_coords_in_roi(boxes: Tensor, point_coords: Tensor) -> tuple[Tensor, Tensor]:
     """Map image-coordinate points into each RoI's `grid_sample` frame.
@@ -49,6 +54,8 @@ def point_mask_loss(
     point_coords: Tensor,
     point_labels: Tensor,
     labels: Tensor,
+    *,
+    average: str = "valid_points",
 ) -> Tensor:
     """Sigmoid BCE of the mask logits sampled at the labelled points inside each RoI.
 
@@ -59,12 +66,17 @@ def point_mask_loss(
         point_coords: [R, P, 2] (x, y) of each RoI's instance's points, image coordinates.
         point_labels: [R, P] 1 inside the object, 0 outside, -1 ignored (padding).
         labels: [R] int64, the channel of each RoI's class (1..C-1); not used when C == 1.
+        average: "valid_points": the BCE summed over the points that are labelled (0 or 1) and
+            lie in their RoI, divided by their number; "all_points": the same sum divided by the
+            number of labelled points, inside their RoI or not (PointSup's normalisation: a
+            proposal that covers part of its object weighs by the share of its points it holds).
 
     Returns:
-        A scalar: the mean BCE over the points that are labelled (0 or 1) and lie in their RoI.
-        Exactly 0, and still connected to `mask_logits`, when there is no such point (no RoI,
-        no points, or all of them outside / ignored).
+        A scalar. Exactly 0, and still connected to `mask_logits`, when no labelled point lies
+        in its RoI (no RoI, no points, or all of them outside / ignored).
     """
+    if average not in POINT_LOSS_AVERAGES:
+        raise ValueError(f"point_mask_loss: average must be one of {POINT_LOSS_AVERAGES}, got {average!r}")
     num_rois, num_channels = mask_logits.shape[:2]
     if boxes.shape[0] != num_rois or point_coords.shape[:1] != (num_rois,) or point_labels.shape[0] != num_rois:
         raise ValueError(
@@ -94,10 +106,14 @@ def point_mask_loss(
         align_corners=False,
     )[:, 0, :, 0]  # [R, P]
 
-    valid = inside & (point_labels >= 0)  # [R, P]
+    labelled = point_labels >= 0  # [R, P]
+    valid = inside & labelled
     if not bool(valid.any()):
         return mask_logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(point_logits[valid], point_labels[valid].to(point_logits.dtype))
+    total = F.binary_cross_entropy_with_logits(
+        point_logits[valid], point_labels[valid].to(point_logits.dtype), reduction="sum"
+    )
+    return total / (valid if average == "valid_points" else labelled).sum()
 
 
 def sample_point_subset(point_labels: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:

@@ -31,6 +31,7 @@ from maskrcnn.model.box_ops import (
 )
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets
+from maskrcnn.model.point_supervision import POINT_LOSS_AVERAGES, point_mask_loss, sample_point_subset
 from maskrcnn.model.roi_align import roi_align
 from maskrcnn.model.threads import thread_pool
 
@@ -159,6 +160,7 @@ class RoIHeads(nn.Module):
         mask_classes: list[int] | None = None,
         point_supervision: bool = False,
         points_per_instance: int | None = None,
+        point_loss_average: str = "valid_points",
         keypoint_pooler: MultiLevelRoIAlign | None = None,
         keypoint_head: KeypointHead | None = None,
         keypoint_loss_weight: float = 1.0,
@@ -180,6 +182,9 @@ class RoIHeads(nn.Module):
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask_train_on, gt_box_jitter, mask_classes
         self.point_supervision, self.points_per_instance = point_supervision, points_per_instance
+        if point_loss_average not in POINT_LOSS_AVERAGES:
+            raise ValueError(f"mask_head.point_loss_average must be one of {POINT_LOSS_AVERAGES}, got {point_loss_average!r}")
+        self.point_loss_average = point_loss_average
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
         self.keypoint_loss_weight, self.keypoint_decoding = keypoint_loss_weight, keypoint_decoding
 
@@ -282,8 +287,6 @@ class RoIHeads(nn.Module):
         boxes, matched, labels = self._mask_training_rois(samples, targets, image_sizes)
         mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [R, C, M, M]
         if self.point_supervision:
-            from maskrcnn.model.point_supervision import point_mask_loss, sample_point_subset
-
             point_labels = [t["point_labels"] for t in targets]
             if self.points_per_instance is not None:
                 point_labels = [sample_point_subset(p, self.points_per_instance) for p in point_labels]
@@ -292,7 +295,8 @@ class RoIHeads(nn.Module):
             width = max(p.shape[1] for p in point_labels)
             coords = torch.cat([_pad_points(t["point_coords"][m], width, 0.0) for t, m in zip(targets, matched)])
             point_labels = torch.cat([_pad_points(p[m], width, -1.0) for p, m in zip(point_labels, matched)])
-            return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels))
+            return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels),
+                                   average=self.point_loss_average)  # fmt: skip
         mask_size = mask_logits.shape[-1]
         aligned = self.mask_pooler.aligned
         per_image = [
@@ -407,6 +411,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
             mask_classes=mask.mask_classes,
             point_supervision=mask.point_supervision,
             points_per_instance=mask.points_per_instance,
+            point_loss_average=mask.point_loss_average,
         )
     if config.keypoint_head.enabled:
         keypoint = config.keypoint_head
