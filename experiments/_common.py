@@ -1,45 +1,90 @@
-"""Shared by the experiment scripts: one small CPU recipe, train-then-evaluate, table printing.
+"""Shared by the experiment scripts: the recipe, runs per seed, their records, evaluation, tables.
 
-Every run trains a fresh model with `maskrcnn.engine.trainer.train` from the same config plus
-the run's own overrides, then evaluates it on the `shapes` validation set with the same class
-groups (so that the fully supervised ceiling also reports AP on the "novel" classes).
+Every run trains a fresh model with `maskrcnn.engine.trainer.train` from the demo's recipe
+(`shapes_demo`: src/maskrcnn/configs/shapes_demo.yaml as it is in this checkout) plus the run's
+own overrides, with its schedule stretched to `--iterations`, once per seed in `--seeds`. It then evaluates the model on
+the `shapes` validation set with the same class groups (so that the fully supervised ceiling
+also reports AP on the "novel" classes), and writes its record beside its checkpoint:
+
+    OUT/<run>/seed<S>/result.json   {"run", "seed", "config" (the resolved config), "metrics"}
+    OUT/results.json                every run and seed, their mean and spread, the reference
+    OUT/table.md                    the table the script prints (also written into a README
+                                    block with --readme)
+
+A run whose record exists is read back instead of trained again, provided it was trained with
+the config this command would use (otherwise the script stops and names the differences):
+a rerun, or a second process on other rows (`--only`), continues where the first stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from maskrcnn.config import Config, load_config
+from maskrcnn.config import Config, ConfigError, config_to_dict, load_config
 from maskrcnn.data.shapes import SHAPE_NAMES
 
-# On top of the shapes_demo recipe (the demo's recipe, tuned to learn `shapes` quickly on a
-# CPU, and its data: data/shapes, 800 training and 200 validation images at 192 px). The keypoint
-# head stays on: without its supervision the shared backbone learns far less in 600 iterations
-# (box AP ~0.09 instead of ~0.22, experiments/README.md); pass model.keypoint_head.enabled=false
-# to see that.
+# On top of the recipe: no evaluation or checkpoints inside `train` (each run is evaluated once
+# at the end, with the class groups), data loading in the training process (two runs share the
+# machine's two cores, one each). The keypoint head stays on, as in the demo: without its
+# supervision the shared backbone learns far less (experiments/README.md, appendix).
 BASE_OVERRIDES = [
     "data.num_workers=0",
     "train.eval_every=0",
     "train.checkpoint_every=100000",
     "train.log_every=50",
 ]
+# 2000 iterations of the demo's recipe take 20-25 min with one thread (0.6-0.7 s per iteration
+# with the other core busy, docs/results.md): the issue's 20-30 min per run. At 600 iterations
+# the detector still improves quickly (900 iterations: box AP 0.22 -> 0.30); experiments/README.md.
+DEFAULT_ITERATIONS = 2000
+DEFAULT_SEEDS = [0, 1, 2]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of a table: its name, its folder under OUT, and its config overrides."""
+
+    name: str
+    folder: str
+    overrides: list[str]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="shapes_demo", help="base recipe (a YAML path or a shipped recipe's name)")
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations per run (default: the recipe's)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for runs and the results JSON")
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"training iterations per run; the recipe's schedule is scaled to them "
+                             f"(default {DEFAULT_ITERATIONS}, about 20-25 min per run on one core)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
+                        help="training seeds (train.seed); every row runs once per seed (default: 0 1 2; "
+                             "put key.sub=value overrides before it)")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs and the results JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 lets two runs share a 2-core machine)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as in the table)")
+    parser.add_argument("--only", nargs="*", default=None, help="train only these rows (names as in the table)")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again from their last.pth")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: print the table of the runs done")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also write the table into this file's marked block (experiments/README.md)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides for every run")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, *, script: str) -> argparse.Namespace:
+    """Parse, remember the command (for results.json) and set the torch threads."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.command = [f"experiments/{script}.py", *argv]
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def check_only(args: argparse.Namespace, names: list[str]) -> None:
@@ -51,12 +96,33 @@ def check_only(args: argparse.Namespace, names: list[str]) -> None:
         raise SystemExit(f"--only: unknown run name(s) {unknown}{hint}; the runs are {names}")
 
 
-def make_config(args: argparse.Namespace, run_name: str, overrides: list[str]) -> Config:
-    base = args.config or None
-    extra = [f"train.output_dir={args.out / run_name}"]
-    if args.iterations is not None:
-        extra.append(f"train.iterations={args.iterations}")
-    return load_config(base, BASE_OVERRIDES + list(args.overrides) + overrides + extra)
+def scaled_schedule(recipe: Config, iterations: int) -> list[str]:
+    """Overrides that stretch the recipe's schedule to `iterations`: the cosine (or constant)
+    schedule spans `train.iterations` by itself; the milestones of a step schedule move in
+    proportion. The warm-up stays as long as in the recipe: it shields the first updates of a
+    from-scratch network, whatever the length of the run (detectron2's 1x and 3x schedules
+    share their warm-up the same way)."""
+    if iterations < 1:
+        raise SystemExit(f"--iterations must be >= 1, got {iterations}")
+    if recipe.train.schedule != "step":
+        return [f"train.iterations={iterations}"]
+    steps = [round(step * iterations / recipe.train.iterations) for step in recipe.train.steps]
+    return [f"train.iterations={iterations}", f"train.steps={steps}"]
+
+
+def make_config(args: argparse.Namespace, run: Run, seed: int) -> Config:
+    """The recipe + BASE_OVERRIDES + the command's overrides + the run's, on the scaled schedule."""
+    overrides = BASE_OVERRIDES + list(args.overrides) + run.overrides
+    try:
+        extra = scaled_schedule(load_config(args.config, overrides), args.iterations)
+        extra += [f"train.seed={seed}", f"train.output_dir={run_folder(args, run, seed)}"]
+        return load_config(args.config, overrides + extra)
+    except ConfigError as error:
+        raise SystemExit(f"{run.name}: {error}") from None
+
+
+def run_folder(args: argparse.Namespace, run: Run, seed: int) -> Path:
+    return args.out / run.folder / f"seed{seed}"
 
 
 def shapes_paths(config: Config) -> dict[str, Path]:
@@ -69,6 +135,121 @@ def shapes_paths(config: Config) -> dict[str, Path]:
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- records
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(stored: dict, wanted: dict) -> list[str]:
+    """`key: stored -> wanted` for every config key that differs (the output folder aside)."""
+    stored_flat, wanted_flat = _flat(stored), _flat(wanted)
+    keys = sorted((set(stored_flat) | set(wanted_flat)) - {"train.output_dir"})
+    return [f"{k}: {stored_flat.get(k)!r} -> {wanted_flat.get(k)!r}" for k in keys if stored_flat.get(k) != wanted_flat.get(k)]
+
+
+def read_record(path: Path, config: Config) -> dict | None:
+    """A finished run's metrics, or None when it has no record. Stops when the record was
+    written by a run with another config: mixing those in one table would be wrong."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    differences = config_differences(record["config"], config_to_dict(config))
+    if differences:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise SystemExit(f"{path} was trained with another config ({shown}): use another --out, or delete that "
+                         f"run to train it again")  # fmt: skip
+    return record["metrics"]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written to a temporary file and renamed: a crash or a second process never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------- running
+def run_all(args: argparse.Namespace, runs: list[Run], class_groups: dict[str, list[int]] | None) -> None:
+    """Train (or re-read, or re-evaluate) every selected run once per seed, seed by seed, so
+    that an interrupted session still leaves whole tables for its first seeds."""
+    check_only(args, [run.name for run in runs])
+    if args.table_only:
+        return
+    todo = [(run, seed) for seed in args.seeds for run in runs if not args.only or run.name in args.only]
+    for index, (run, seed) in enumerate(todo):
+        config = make_config(args, run, seed)
+        path = run_folder(args, run, seed) / "result.json"
+        metrics = read_record(path, config)
+        if metrics is not None and not args.reevaluate:
+            print(f"{run.name}, seed {seed}: done before, read from {path}", flush=True)
+            continue
+        if metrics is not None:
+            metrics = {**metrics, **reevaluate(run_folder(args, run, seed), class_groups)}
+        else:
+            print(f"=== {run.name}, seed {seed}: {' '.join(run.overrides)}", flush=True)
+            metrics = train_and_evaluate(config, class_groups)
+            if left := len(todo) - index - 1:
+                print(f"{left} run(s) left in this command, about {left * metrics['train_seconds'] / 60:.0f} min "
+                      f"at this run's pace", flush=True)  # fmt: skip
+        write_json(path, {"run": run.name, "seed": seed, "config": config_to_dict(config), "metrics": metrics})
+
+
+def collect_results(args: argparse.Namespace, runs: list[Run]) -> dict[str, dict[int, dict]]:
+    """`{run name: {seed: metrics}}` from the records on disk, for every run and seed of this
+    command (also those another process trained)."""
+    results: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        results[run.name] = {}
+        for seed in args.seeds:
+            metrics = read_record(run_folder(args, run, seed) / "result.json", make_config(args, run, seed))
+            if metrics is not None:
+                results[run.name][seed] = {**metrics, "train_minutes": metrics["train_seconds"] / 60}
+    return results
+
+
+def summary_json(args: argparse.Namespace, results: dict[str, dict[int, dict]], reference: dict, *,
+                 experiment: str) -> dict:
+    """What OUT/results.json holds: per run, every seed's metrics and each metric's mean and sd."""
+    rows = {}
+    for name, by_seed in results.items():
+        keys = sorted({key for metrics in by_seed.values() for key in metrics})
+        values = {key: [m[key] for m in by_seed.values() if isinstance(m.get(key), (int, float))] for key in keys}
+        rows[name] = {
+            "seeds": {str(seed): metrics for seed, metrics in by_seed.items()},
+            "mean": {key: statistics.fmean(v) for key, v in values.items() if v},
+            "sd": {key: statistics.stdev(v) for key, v in values.items() if len(v) > 1},
+        }
+    return {"experiment": experiment, "command": args.command, "reference": reference, "runs": rows}
+
+
+def write_outputs(args: argparse.Namespace, summary: dict, text: str, *, experiment: str) -> None:
+    """Print the table; write OUT/results.json, OUT/table.md and, with --readme, the README block."""
+    from _tables import rewrite_block
+
+    print(text, flush=True)
+    write_json(args.out / "results.json", summary)
+    (args.out / "table.md").write_text(text + "\n")
+    if args.readme is not None:
+        rewrite_block(args.readme, experiment, text)
+        print(f"wrote the table into {args.readme}", flush=True)
+
+
+def budget_line(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:
+    iterations = sorted({int(m["iterations"]) for by_seed in results.values() for m in by_seed.values()})
+    done = sum(len(by_seed) for by_seed in results.values())
+    total = len(results) * len(args.seeds)
+    return (f"{done} of {total} runs done (seeds {' '.join(map(str, args.seeds))}); iterations per run: "
+            f"{', '.join(map(str, iterations)) or '-'}; recipe `{args.config}`, schedule scaled to the iterations.")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- one run
 def train_and_evaluate(config: Config, class_groups: dict[str, list[int]] | None) -> dict:
     """Train one run, evaluate it on the shapes validation set; returns flat metrics + timing."""
     from maskrcnn.engine.distributed import DistributedContext
@@ -124,11 +305,13 @@ def mask_iou_on_gt_boxes(model: torch.nn.Module, dataset, class_groups: dict[str
             ious += list(pairwise.diagonal())
             labels += target["labels"].tolist()
     model.train(was_training)
-    ious_t, labels_t = torch.tensor(ious, dtype=torch.float64), torch.tensor(labels)
-    result = {"gt_boxes/mIoU": ious_t.mean().item()}
+    return _group_means(torch.tensor(ious, dtype=torch.float64), torch.tensor(labels), class_groups)
+
+
+def _group_means(ious: torch.Tensor, labels: torch.Tensor, class_groups: dict[str, list[int]] | None) -> dict:
+    result = {"gt_boxes/mIoU": ious.mean().item()}
     for group, members in (class_groups or {}).items():
-        chosen = torch.isin(labels_t, torch.tensor(members))
-        result[f"gt_boxes/{group}/mIoU"] = ious_t[chosen].mean().item()
+        result[f"gt_boxes/{group}/mIoU"] = ious[torch.isin(labels, torch.tensor(members))].mean().item()
     return result
 
 
@@ -145,25 +328,21 @@ def filled_box_miou(coco, class_groups: dict[str, list[int]] | None, label_to_ca
         box = mask_utils.frPyObjects(np.array([annotation["bbox"]], dtype=np.float64), image["height"], image["width"])
         ious.append(float(mask_utils.iou(box, [coco.annToRLE(annotation)], [0])[0, 0]))
         categories.append(annotation["category_id"])
-    ious_t, categories_t = torch.tensor(ious, dtype=torch.float64), torch.tensor(categories)
-    result = {"gt_boxes/mIoU": ious_t.mean().item()}
-    for group, members in (class_groups or {}).items():
-        chosen = torch.isin(categories_t, torch.tensor([label_to_category[m] for m in members]))
-        result[f"gt_boxes/{group}/mIoU"] = ious_t[chosen].mean().item()
-    return result
+    category_groups = {group: [label_to_category[m] for m in members] for group, members in (class_groups or {}).items()}
+    return _group_means(torch.tensor(ious, dtype=torch.float64), torch.tensor(categories), category_groups)
 
 
 def filled_box_reference(args: argparse.Namespace, class_groups: dict[str, list[int]] | None) -> dict:
     """`filled_box_miou` on the experiments' validation set."""
     from maskrcnn.data.coco import CocoDataset
 
-    paths = shapes_paths(make_config(args, "unused", []))
+    paths = shapes_paths(make_config(args, Run("reference", "reference", []), 0))
     val = CocoDataset(paths["val_annotations"], paths["val_images"])
     return filled_box_miou(val.coco, class_groups, dict(val.label_to_category_id))
 
 
-def reevaluate(run_dir: Path, previous: dict, class_groups: dict[str, list[int]] | None) -> dict:
-    """Evaluate a finished run again from its last checkpoint (keeps its timing)."""
+def reevaluate(run_dir: Path, class_groups: dict[str, list[int]] | None) -> dict:
+    """Evaluate a finished run again from its last checkpoint."""
     import maskrcnn
     from maskrcnn.config import config_from_dict
     from maskrcnn.engine.distributed import DistributedContext
@@ -171,33 +350,8 @@ def reevaluate(run_dir: Path, previous: dict, class_groups: dict[str, list[int]]
 
     config = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     _, val_set = build_datasets(config, DistributedContext())
-    model = maskrcnn.load_checkpoint(run_dir / "last.pth")
-    flat = evaluate_model(model, val_set, class_groups)
-    return {**previous, **flat}
+    return evaluate_model(maskrcnn.load_checkpoint(run_dir / "last.pth"), val_set, class_groups)
 
 
 def class_names(labels: list[int]) -> str:
     return ", ".join(SHAPE_NAMES[label - 1] for label in labels)
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text
-
-
-def percent(value: float | None) -> str:
-    return "-" if value is None or value < 0 else f"{100 * value:.1f}"
-
-
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-
-
-def set_threads(count: int) -> None:
-    torch.set_num_threads(count)

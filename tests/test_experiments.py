@@ -1,0 +1,130 @@
+"""Smoke tests of the experiment scripts (experiments/): 2 iterations, 1 seed, a tiny `shapes` set.
+
+They check that every row trains and is evaluated, that the results JSON and the printed table
+(also written into a README block) come from the runs, and that a rerun reads the records back
+instead of training again. The numbers themselves mean nothing after 2 iterations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import _common  # noqa: E402
+import _tables  # noqa: E402
+
+# A 4 + 2 image set at 64 px, read at 64 px, 2 images a batch: seconds per row on a CPU.
+TINY = [
+    "data.shapes_train_images=4", "data.shapes_val_images=2", "data.shapes_image_size=64",
+    "model.transform.min_size=[64]", "model.transform.min_size_test=64", "model.transform.max_size=64",
+    "train.batch_size=2",
+]  # fmt: skip
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()  # the scripts set one thread for the whole process
+    yield
+    torch.set_num_threads(threads)
+
+
+def _argv(tmp_path: Path, *extra: str, iterations: int = 2, seeds: tuple[int, ...] = (0,)) -> list[str]:
+    return [f"data.root={tmp_path / 'shapes'}", *TINY, "--config", "shapes_demo",
+            "--out", str(tmp_path / "out"), "--iterations", str(iterations), *extra,
+            "--seeds", *map(str, seeds)]  # fmt: skip
+
+
+def _readme(tmp_path: Path, experiment: str) -> Path:
+    begin, end = _tables.block_markers(experiment)
+    path = tmp_path / "README.md"
+    path.write_text(f"before\n{begin}\nold table\n{end}\nafter\n")
+    return path
+
+
+def _no_training(*_args, **_kwargs):
+    raise AssertionError("a finished run was trained again")
+
+
+def _check_outputs(tmp_path: Path, script, readme: Path, printed: str) -> dict:
+    out = tmp_path / "out"
+    summary = json.loads((out / "results.json").read_text())
+    for name, row in summary["runs"].items():
+        metrics = row["seeds"]["0"]
+        assert metrics["iterations"] == 2, name
+        assert 0 <= metrics["gt_boxes/mIoU"] <= 1 and "segm/AP" in metrics and "bbox/AP" in metrics, name
+        assert row["mean"]["gt_boxes/mIoU"] == metrics["gt_boxes/mIoU"] and row["sd"] == {}, name
+    table = (out / "table.md").read_text()
+    assert table.strip() in printed  # the printed table is the written one
+    assert readme.read_text() == (
+        f"before\n{_tables.block_markers(script.EXPERIMENT)[0]}\n{table}{_tables.block_markers(script.EXPERIMENT)[1]}"
+        "\nafter\n"
+    )
+    for name, row in summary["runs"].items():  # each row's mIoU as the table prints it
+        assert f"| {name} | 0 | {100 * row['seeds']['0'][script.COLUMNS[0].key]:.1f} |" in table
+    return summary
+
+
+@pytest.mark.parametrize("name", ["partial_supervision", "point_supervision"])
+def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, keep_threads):
+    script = importlib.import_module(name)
+    readme = _readme(tmp_path, name)
+    script.main(_argv(tmp_path, "--readme", str(readme)))
+    first = _check_outputs(tmp_path, script, readme, capsys.readouterr().out)
+    expected_rows = 5 if name == "partial_supervision" else 3
+    assert len(first["runs"]) == expected_rows
+    assert len(list((tmp_path / "out").glob("*/seed0/result.json"))) == expected_rows
+
+    # A rerun re-reads every record (training would raise) and prints the same table.
+    monkeypatch.setattr(_common, "train_and_evaluate", _no_training)
+    script.main(_argv(tmp_path, "--readme", str(readme)))
+    printed = capsys.readouterr().out
+    assert printed.count("done before, read from") == expected_rows
+    second = _check_outputs(tmp_path, script, readme, printed)
+    assert second["runs"] == first["runs"]
+
+    # Another budget would mix configs in one table: it stops and names the difference.
+    with pytest.raises(SystemExit, match=r"train.iterations: 2 -> 3"):
+        script.main(_argv(tmp_path, iterations=3))
+    # --table-only trains nothing; a seed not run yet is counted as missing.
+    script.main(_argv(tmp_path, "--table-only", seeds=(0, 1)))
+    printed = capsys.readouterr().out
+    assert f"{expected_rows} of {2 * expected_rows} runs done (seeds 0 1)" in printed
+
+
+def test_cells_give_mean_sample_sd_and_seeds():
+    # mean 0.2, sample sd sqrt(((-0.1)^2 + 0 + 0.1^2) / 2) = 0.1, in percent
+    assert _tables.cell([0.1, 0.2, 0.3]) == "20.0 ± 10.0 (10.0 / 20.0 / 30.0)"
+    assert _tables.cell([0.25]) == "25.0"  # one seed: no spread to give
+    assert _tables.cell([None, -1.0]) == "-"  # missing, or COCOeval's -1 for "no such objects"
+    assert _tables.cell([12.0, 14.0], percent=False) == "13.0 ± 1.4 (12.0 / 14.0)"
+    table = _tables.results_table({"a": {0: {"k": 0.5}, 1: {"k": 0.7}}, "b": {}}, [_tables.Column("K", "k")],
+                                  seeds=[0, 1])  # fmt: skip
+    assert table.splitlines()[2:] == ["| a | 0 1 | 60.0 ± 14.1 (50.0 / 70.0) |", "| b | not run yet | - |"]
+
+
+def test_block_rewrite_needs_its_markers(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="partial_supervision table: begin"):
+        _tables.rewrite_block(path, "partial_supervision", "table")
+
+
+def test_schedule_scaled_to_the_iterations():
+    from maskrcnn.config import load_config
+
+    cosine = load_config("shapes_demo")
+    assert cosine.train.schedule == "cosine"  # spans train.iterations by itself
+    assert _common.scaled_schedule(cosine, 2000) == ["train.iterations=2000"]
+    step = load_config(None, ["train.schedule=step", "train.iterations=600", "train.steps=[400,500]"])
+    assert _common.scaled_schedule(step, 1500) == ["train.iterations=1500", "train.steps=[1000, 1250]"]
+    scaled = load_config(None, ["train.schedule=step", "train.iterations=600", "train.steps=[400,500]",
+                                *_common.scaled_schedule(step, 1500)])  # fmt: skip
+    assert (scaled.train.iterations, scaled.train.steps, scaled.train.warmup_iterations) == (1500, [1000, 1250], 1000)
