@@ -34,14 +34,14 @@ import yaml
 from maskrcnn.config import Config, ConfigError, config_to_dict, load_config
 from maskrcnn.data.shapes import SHAPE_NAMES
 
-# On top of the recipe: no evaluation or checkpoints inside `train` (each run is evaluated once
-# at the end, with the class groups), data loading in the training process (two runs share the
-# machine's two cores, one each). The keypoint head stays on, as in the demo: without its
+# On top of the recipe: no evaluation inside `train` (each run is evaluated once at the end, with
+# the class groups), a checkpoint every 500 iterations (a killed run loses at most that much),
+# data loading in the training process (two runs share the machine's two cores, one each). The keypoint head stays on, as in the demo: without its
 # supervision the shared backbone learns far less (experiments/README.md, appendix).
 BASE_OVERRIDES = [
     "data.num_workers=0",
     "train.eval_every=0",
-    "train.checkpoint_every=100000",
+    "train.checkpoint_every=500",
     "train.log_every=50",
 ]
 # 2000 iterations of the demo's recipe take 20-25 min with one thread (0.6-0.7 s per iteration
@@ -167,6 +167,16 @@ def read_record(path: Path, config: Config) -> dict | None:
     return record["metrics"]
 
 
+def check_unfinished(folder: Path, config: Config) -> None:
+    """A run stopped half-way continues from its last.pth only under the config it started with."""
+    started = folder / "config.yaml"
+    if (folder / "last.pth").is_file() and started.is_file():
+        differences = config_differences(yaml.safe_load(started.read_text()), config_to_dict(config))
+        if differences:
+            raise SystemExit(f"{folder} holds an unfinished run with another config ({'; '.join(differences[:5])}): "
+                             f"use another --out, or delete that folder to start it again")  # fmt: skip
+
+
 def write_json(path: Path, data: dict) -> None:
     """Written to a temporary file and renamed: a crash or a second process never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +203,7 @@ def run_all(args: argparse.Namespace, runs: list[Run], class_groups: dict[str, l
         if metrics is not None:
             metrics = {**metrics, **reevaluate(run_folder(args, run, seed), class_groups)}
         else:
+            check_unfinished(run_folder(args, run, seed), config)
             print(f"=== {run.name}, seed {seed}: {' '.join(run.overrides)}", flush=True)
             metrics = train_and_evaluate(config, class_groups)
             if left := len(todo) - index - 1:
@@ -242,11 +253,10 @@ def write_outputs(args: argparse.Namespace, summary: dict, text: str, *, experim
 
 
 def budget_line(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:
-    iterations = sorted({int(m["iterations"]) for by_seed in results.values() for m in by_seed.values()})
     done = sum(len(by_seed) for by_seed in results.values())
     total = len(results) * len(args.seeds)
-    return (f"{done} of {total} runs done (seeds {' '.join(map(str, args.seeds))}); iterations per run: "
-            f"{', '.join(map(str, iterations)) or '-'}; recipe `{args.config}`, schedule scaled to the iterations.")  # fmt: skip
+    return (f"{done} of {total} runs done (seeds {' '.join(map(str, args.seeds))}), {args.iterations} iterations "
+            f"each: recipe `{args.config}`, its schedule scaled to the iterations.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one run
@@ -257,8 +267,13 @@ def train_and_evaluate(config: Config, class_groups: dict[str, list[int]] | None
 
     train_set, val_set = build_datasets(config, DistributedContext())
     started = time.perf_counter()
-    # No validation set inside `train`: it is evaluated once below, with the class groups.
-    summary = train(config, train_dataset=train_set, val_dataset=None)
+    # No validation set inside `train`: it is evaluated once below, with the class groups. A run
+    # stopped before (Ctrl-C, SIGTERM, or killed after a periodic checkpoint) continues from its
+    # last.pth; the trainer's resume ends with the weights of an uninterrupted run.
+    summary = train(config, resume=True, train_dataset=train_set, val_dataset=None)
+    if summary.interrupted:
+        raise SystemExit(f"{config.train.output_dir}: stopped by {summary.interrupted} at iteration "
+                         f"{summary.iteration}; not recorded, the same command continues it")  # fmt: skip
     train_seconds = time.perf_counter() - started
     flat = evaluate_model(summary["model"], val_set, class_groups)
     flat["train_seconds"] = train_seconds

@@ -128,3 +128,15 @@ def test_schedule_scaled_to_the_iterations():
     scaled = load_config(None, ["train.schedule=step", "train.iterations=600", "train.steps=[400,500]",
                                 *_common.scaled_schedule(step, 1500)])  # fmt: skip
     assert (scaled.train.iterations, scaled.train.steps, scaled.train.warmup_iterations) == (1500, [1000, 1250], 1000)
+
+
+def test_unfinished_run_continues_only_under_its_config(tmp_path):
+    from maskrcnn.config import load_config, save_config
+
+    started = load_config(REPO / "configs/shapes_demo.yaml", ["train.iterations=2000"])
+    save_config(started, tmp_path / "config.yaml")
+    _common.check_unfinished(tmp_path, started)  # no last.pth yet: nothing to continue
+    (tmp_path / "last.pth").write_bytes(b"")
+    _common.check_unfinished(tmp_path, started)  # the same config: train(resume=True) continues it
+    with pytest.raises(SystemExit, match="train.iterations: 2000 -> 3000"):
+        _common.check_unfinished(tmp_path, load_config(REPO / "configs/shapes_demo.yaml", ["train.iterations=3000"]))
