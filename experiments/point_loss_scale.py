@@ -113,7 +113,7 @@ def measure(model, masks: CocoDataset, points: CocoDataset, *, batches: int, bat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/shapes_demo.yaml", help="base recipe (YAML)")
+    parser.add_argument("--config", default="shapes_demo", help="base recipe (a YAML path or a shipped recipe's name)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the short runs and point_loss_scale.json")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides")
