@@ -133,10 +133,10 @@ def test_schedule_scaled_to_the_iterations():
 def test_unfinished_run_continues_only_under_its_config(tmp_path):
     from maskrcnn.config import load_config, save_config
 
-    started = load_config(REPO / "configs/shapes_demo.yaml", ["train.iterations=2000"])
+    started = load_config("shapes_demo", ["train.iterations=2000"])
     save_config(started, tmp_path / "config.yaml")
     _common.check_unfinished(tmp_path, started)  # no last.pth yet: nothing to continue
     (tmp_path / "last.pth").write_bytes(b"")
     _common.check_unfinished(tmp_path, started)  # the same config: train(resume=True) continues it
     with pytest.raises(SystemExit, match="train.iterations: 2000 -> 3000"):
-        _common.check_unfinished(tmp_path, load_config(REPO / "configs/shapes_demo.yaml", ["train.iterations=3000"]))
+        _common.check_unfinished(tmp_path, load_config("shapes_demo", ["train.iterations=3000"]))
