@@ -412,3 +412,24 @@ def test_resume_with_our_model_ends_with_the_same_weights(tmp_path):
     assert resumed["iteration"] == 4
     for name, value in full["model"].state_dict().items():
         assert torch.equal(value, resumed["model"].state_dict()[name]), name
+
+
+class _Annotations(list):
+    """A stand-in data set: what `check_data_fits_model` reads of a CocoDataset."""
+
+    def __init__(self, *, has_masks: bool, has_points: bool) -> None:
+        super().__init__([0])
+        self.source, self.categories, self.keypoint_names = "train.json", [1], None
+        self.has_masks, self.has_points = has_masks, has_points
+
+
+def test_point_files_train_point_supervision_only():
+    """A file with points and no masks trains the point-supervised mask head (Cheng et al.); without
+    point_supervision it has no mask targets, and point_supervision needs points: both named."""
+    points_only = _Annotations(has_masks=False, has_points=True)
+    config = load_config(None, ["model.num_classes=1", "model.mask_head.point_supervision=true"])
+    trainer.check_data_fits_model(config, points_only)
+    with pytest.raises(ValueError, match="point_coords / point_labels"):
+        trainer.check_data_fits_model(config, _Annotations(has_masks=True, has_points=False))
+    with pytest.raises(ValueError, match="no segmentation"):
+        trainer.check_data_fits_model(load_config(None, ["model.num_classes=1"]), points_only)

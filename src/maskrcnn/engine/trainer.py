@@ -170,7 +170,11 @@ def check_data_fits_model(config: Config, dataset: Any) -> None:
     if categories is not None and len(categories) > model.num_classes:
         raise ValueError(f"model.num_classes={model.num_classes}, but {source} has {len(categories)} categories "
                          f"(labels 1..{len(categories)}): set model.num_classes={len(categories)}")
-    if model.mask_head.enabled and getattr(dataset, "has_masks", True) is False:
+    if model.mask_head.enabled and model.mask_head.point_supervision:
+        if getattr(dataset, "has_points", True) is False:
+            raise ValueError(f"model.mask_head.point_supervision is true, but {source} has no point_coords / "
+                             "point_labels: make them with `maskrcnn points`, or set it to false to train on masks")
+    elif model.mask_head.enabled and getattr(dataset, "has_masks", True) is False:
         raise ValueError(f"model.mask_head.enabled is true, but {source} has no segmentation (boxes only): "
                          "set model.mask_head.enabled=false to train boxes only")
     names = getattr(dataset, "keypoint_names", None)
