@@ -94,7 +94,8 @@ class Progress:
             return
         line = _progress_line(iteration, self.total, values)
         if self.bar is not None:
-            self.bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items() if k.startswith("loss")})
+            losses = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items() if k.startswith("loss")}
+            self.bar.set_postfix(losses)
             self.log.to_file(line)
         else:
             print(line, flush=True)

@@ -1,7 +1,8 @@
 """RoIAlign with a vectorised CPU backward; torchvision's kernel everywhere else.
 
-`roi_align(features, rois, ...)` has `torchvision.ops.roi_align`'s signature and numbers. On the
-CPU its forward is torchvision's, and its backward is one sparse-dense matrix product instead of
+`roi_align(features, rois, output_size, spatial_scale=, sampling_ratio=, aligned=)` takes
+`torchvision.ops.roi_align`'s arguments (a square output) and gives its numbers. On the CPU its
+forward is torchvision's, and its backward is one sparse-dense matrix product instead of
 torchvision's scalar loop of atomic adds (one add per channel, bin, sample and corner).
 
 Why the backward is a matrix: RoIAlign is linear in the features. Output bin (r, ph, pw) is the
@@ -57,8 +58,9 @@ class _RoIAlignCPU(torch.autograd.Function):
         grad = grad_output.to(compute)
         if len(rois) == 0:
             return grad.new_zeros(ctx.feature_shape).to(ctx.feature_dtype), None, None, None, None, None
-        weights_t = interpolation_matrix_t(rois.to(compute), feature_shape=(batch, height, width), output_size=output_size,
-                                           spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned)  # fmt: skip
+        weights_t = interpolation_matrix_t(rois.to(compute), feature_shape=(batch, height, width),
+                                           output_size=output_size, spatial_scale=spatial_scale,
+                                           sampling_ratio=sampling_ratio, aligned=aligned)  # fmt: skip
         rows = grad.permute(0, 2, 3, 1).reshape(-1, channels)  # [R * S * S, C], bins in (r, ph, pw) order
         grad_features = torch.sparse.mm(weights_t, rows)  # [B * H * W, C]
         grad_features = grad_features.view(batch, height, width, channels).permute(0, 3, 1, 2)
@@ -78,7 +80,7 @@ def interpolation_matrix_t(
     sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    """A^T as a sparse COO tensor `[B * H * W, R * S * S]`: entry (pixel, bin) is the weight of
+    """A^T as a sparse COO tensor `[B * H * W, R * S * S]` (CPU): entry (pixel, bin) is the weight of
     that feature-map pixel in that output bin. A pixel may repeat within a bin (two samples on
     the same row, or window cells past the map's edge with weight 0): a sparse product sums them."""
     batch, height, width = feature_shape
