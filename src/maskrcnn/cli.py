@@ -244,8 +244,9 @@ def run_demo(config, *, pictures: int = 8) -> int:
     minutes = (time.perf_counter() - started) / 60
     print(f"demo: {summary.iteration} iterations at {summary.seconds_per_iteration:.2f} s/iteration, "
           f"{minutes:.1f} min in all; {config.data.shapes_val_images} held-out images")
-    print(f"pictures: {out / 'contact_sheet.png'} and {out / 'predictions'}, curves: {out / 'training_curves.png'}, "
-          f"checkpoint: {summary.last_checkpoint}, metrics: {out / 'metrics.json'}, log: {out / 'log.txt'}")  # fmt: skip
+    drawn = f"pictures: {out / 'contact_sheet.png'} and {out / 'predictions'}, " if pictures > 0 else ""
+    print(f"{drawn}curves: {out / 'training_curves.png'}, checkpoint: {summary.last_checkpoint}, "
+          f"metrics: {out / 'metrics.json'}, log: {out / 'log.txt'}")  # fmt: skip
     return 0
 
 
