@@ -359,7 +359,8 @@ _FLOAT32_MAX = 3.4028234663852886e38  # weights and optimizer states are float32
 # key -> the values it may take
 _CHOICES: dict[str, tuple] = {
     "model.backbone.depth": (18, 34, 50, 101, 152),
-    "model.backbone.norm": ("frozen_bn", "bn", "gn"),
+    "model.backbone.norm": ("frozen_bn", "frozen_bn_detectron2", "bn", "gn"),  # model/backbone.py NORMS
+    "model.backbone.fpn_norm": ("none", "bn", "gn"),
     "model.box_head.norm": ("none", "gn", "bn"),
     "model.mask_head.norm": ("none", "gn", "bn"),
     "model.mask_head.architecture": ("fcn", "deep_fcn", "resnet", "hourglass"),

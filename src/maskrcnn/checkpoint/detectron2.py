@@ -42,7 +42,7 @@ from ..config import ModelConfig
 from ..model.mask_rcnn import MaskRCNN, build_model
 from .detectron2_defaults import DETECTRON2_DEFAULTS
 from .format import load_state_dict_checked, read_weights_file, save_checkpoint
-from .label_space import coco_categories, labels_from_categories
+from .label_space import PERSON_LABELS, coco_categories, labels_from_categories
 
 FPN_FEATURES = ["res2", "res3", "res4", "res5"]
 RPN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
@@ -142,7 +142,7 @@ def detectron2_labels(cfg: dict, config: ModelConfig) -> list[dict] | None:
     if not trained_on or not all(name.startswith(("coco_", "keypoints_coco_")) for name in trained_on):
         return None
     if config.keypoint_head.enabled and config.num_classes == 1:
-        return [{"label": 1, "id": 1, "name": "person"}]
+        return [dict(entry) for entry in PERSON_LABELS]
     categories = coco_categories()
     return labels_from_categories(categories) if config.num_classes == len(categories) else None
 

@@ -23,6 +23,8 @@ from torch import Tensor
 # torchvision's COCO layout, from its weights' meta["categories"]: slot i is COCO category id i;
 # "__background__" is slot 0 and "N/A" marks ids that COCO does not use.
 NOT_A_CATEGORY = "N/A"
+# the table of keypoint models trained on COCO (torchvision's and detectron2's): one class, person
+PERSON_LABELS = ({"label": 1, "id": 1, "name": "person"},)
 
 
 def torchvision_coco_slots() -> list[str]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..model.mask_rcnn import MaskRCNN, build_model
 from .format import load_state_dict_checked, read_weights_file
-from .label_space import torchvision_coco_labels, torchvision_coco_slots, unused_labels
+from .label_space import PERSON_LABELS, torchvision_coco_labels, torchvision_coco_slots, unused_labels
 
 # torchvision name (regex) -> our name. Everything not listed keeps its name (the ResNet body and
 # the box head keep torchvision's names). Old (v1) torchvision layouts without the `.0` of
@@ -152,7 +152,7 @@ def torchvision_labels(config: ModelConfig) -> list[dict] | None:
     if config.num_classes == len(torchvision_coco_slots()) - 1:
         return torchvision_coco_labels()
     if config.keypoint_head.enabled and config.num_classes == 1:
-        return [{"label": 1, "id": 1, "name": "person"}]
+        return [dict(entry) for entry in PERSON_LABELS]
     return None
 
 
