@@ -11,7 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from maskrcnn.cli import _categories, build_parser, main
+from maskrcnn.checkpoint.label_space import trained_categories
+from maskrcnn.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "train", "evaluate", "predict", "export", "convert", "check-data", "points"]
 
@@ -103,7 +104,7 @@ def test_train_saves_the_overridden_config(tmp_path):
     # The training data's categories travel with the weights, so predict can name the labels.
     train_json = json.loads((tmp_path / "shapes" / "train.json").read_text())
     assert checkpoint["categories"] == train_json["categories"]
-    assert _categories(checkpoint, annotations=None) == train_json["categories"]
+    assert trained_categories(checkpoint, annotations=None) == train_json["categories"]
 
 
 @needs_model

@@ -435,13 +435,13 @@ def test_boxes_written_as_corners_and_keypoints_outside_the_image_are_reported(t
 
 # --------------------------------------------------------------------------- 16. partial files of a killed save
 def test_stale_temporary_checkpoints_are_removed_at_start_and_a_live_save_is_not(tmp_path, capsys):
-    from maskrcnn.checkpoint.format import _writer_tag
+    from maskrcnn.checkpoint.format import writer_tag
 
     path, folder = _write(tmp_path, [_square(1, 1, 2, 2, 10)], images=1)
     run = tmp_path / "run"
     run.mkdir()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = _writer_tag().rsplit("-", 1)[0]
+    host = writer_tag().rsplit("-", 1)[0]
     killed = run / f".last.pth.{host}-{finished.stdout.strip()}.k1ll3d.tmp"  # its writer is gone
     old = run / ".best.pth.a8x2_q.tmp"  # an older name without its writer, untouched for two hours
     live = run / f".last.pth.{host}-{os.getpid()}.w0rk1n.tmp"  # a save in progress (this process)

@@ -14,7 +14,7 @@ from torchvision.models.detection.roi_heads import RoIHeads as TvRoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
 from maskrcnn.config import ModelConfig
-from maskrcnn.model.mask_head import mask_loss, mask_targets
+from maskrcnn.model.mask_head import jitter_boxes, mask_loss, mask_targets
 from maskrcnn.model.roi_heads import MultiLevelRoIAlign, build_roi_heads
 
 CHANNELS, NUM_CLASSES, NUM_KEYPOINTS, WIDTH = 8, 3, 4, 8
@@ -205,8 +205,7 @@ def test_mask_head_trains_on_ground_truth_boxes():
     )
     torch.testing.assert_close(losses["loss_mask"], expected)
 
-    heads.gt_box_jitter = 0.1
-    jittered = heads._jitter(targets[0]["boxes"], IMAGE_SIZES[0])
+    jittered = jitter_boxes(targets[0]["boxes"], image_size=IMAGE_SIZES[0], fraction=0.1)
     assert not torch.equal(jittered, targets[0]["boxes"])
     assert torch.all(jittered[:, 2:] >= jittered[:, :2] + 1)
     assert (jittered - targets[0]["boxes"]).abs().max() <= 0.1 * 52 + 1e-4  # boxes are at most 52 px

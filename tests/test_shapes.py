@@ -89,13 +89,13 @@ def test_annotations_describe_visible_pixels(generated):
 def test_extreme_pixels_closed_form():
     mask = np.zeros((10, 12), bool)
     mask[2:6, 3:9] = True  # rows 2..5, columns 3..8
-    np.testing.assert_array_equal(shapes._extreme_pixels(mask), [[5, 2], [5, 5], [3, 3], [8, 3]])
+    np.testing.assert_array_equal(shapes.extreme_pixels(mask), [[5, 2], [5, 5], [3, 3], [8, 3]])
 
 
 def test_polygon_of_unoccluded_object_matches_rle():
     rng = np.random.default_rng(0)
-    _, polygon = shapes._place(rng, 64)
-    full = shapes._rasterise(polygon, 64)
+    _, polygon = shapes.place_shape(rng, 64)
+    full = shapes.rasterise(polygon, 64)
     rle = mask_utils.frPyObjects([polygon.reshape(-1).tolist()], 64, 64)
     np.testing.assert_array_equal(mask_utils.decode(rle)[..., 0], full)
     assert polygon.min() >= 0 and polygon.max() <= 64

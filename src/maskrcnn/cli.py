@@ -56,24 +56,6 @@ def _shapes_paths(data: dict) -> dict:
                          image_size=data["shapes_image_size"], seed=data["shapes_seed"])  # fmt: skip
 
 
-def _categories(checkpoint: dict, annotations: str | None) -> list[dict] | None:
-    """The categories a model was trained on: `--annotations`, the checkpoint's own list, or the
-    training data named in its saved config (None when none of these is available)."""
-    if annotations:
-        return _read_json(annotations)["categories"]
-    if checkpoint.get("categories"):
-        return checkpoint["categories"]
-    data = (checkpoint.get("config") or {}).get("data") or {}
-    if data.get("name") == "shapes":
-        from maskrcnn.data.shapes import categories
-
-        return categories()
-    train_json = (data.get("train") or {}).get("annotations")
-    if train_json and Path(train_json).is_file():
-        return _read_json(train_json).get("categories")
-    return None
-
-
 def _read_json(path: str | Path):
     try:
         return json.loads(Path(path).read_text())
@@ -168,13 +150,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from maskrcnn.checkpoint.label_space import trained_categories
     from maskrcnn.engine.predict import image_ids_from_coco, predict
 
     device = _device(args.device)
     model, checkpoint = _load_model(args.weights, device)
     image_ids = image_ids_from_coco(_read_json(args.annotations)) if args.annotations else None
     report = predict(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
-                     score_threshold=args.score_threshold, categories=_categories(checkpoint, args.annotations),
+                     score_threshold=args.score_threshold, categories=trained_categories(checkpoint, annotations=args.annotations),
                      draw=not args.no_draw, save_masks=args.save_masks, image_ids=image_ids)  # fmt: skip
     for problem in report.problems:
         print(f"maskrcnn predict: {problem}", file=sys.stderr)

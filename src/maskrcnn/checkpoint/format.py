@@ -47,7 +47,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory: os.replace is only atomic within one file system.
     # The writer's host and pid in the name tell a later run whether the file is another live save.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)
@@ -61,7 +61,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def _writer_tag() -> str:
+def writer_tag() -> str:
+    """HOST-PID of this process: in a temporary file's name, so that a later run can tell a killed save."""
     return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
 
 
@@ -82,7 +83,7 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
             idle = time.time() - path.stat().st_mtime
         except FileNotFoundError:  # its writer renamed it meanwhile
             continue
-        writer_gone = match is not None and match["host"] == _writer_tag().rsplit("-", 1)[0] and not _alive(int(match["pid"]))
+        writer_gone = match is not None and match["host"] == writer_tag().rsplit("-", 1)[0] and not _alive(int(match["pid"]))
         if writer_gone or idle > STALE_AFTER_SECONDS:
             path.unlink(missing_ok=True)
             removed.append(path)

@@ -15,7 +15,9 @@ the 80 categories contiguously, by ascending id.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -59,6 +61,31 @@ def checkpoint_labels(checkpoint: Mapping) -> list[dict] | None:
     if checkpoint.get("categories"):
         return labels_from_categories(checkpoint["categories"])
     return None
+
+
+def trained_categories(checkpoint: Mapping, *, annotations: str | Path | None = None) -> list[dict] | None:
+    """The categories a model was trained on: those of the `annotations` file, the checkpoint's own
+    list, or those of the training data named in its saved config (None when none says)."""
+    if annotations:
+        return _read_json(annotations)["categories"]
+    if checkpoint.get("categories"):
+        return checkpoint["categories"]
+    data = (checkpoint.get("config") or {}).get("data") or {}
+    if data.get("name") == "shapes":
+        from maskrcnn.data.shapes import categories
+
+        return categories()
+    train_json = (data.get("train") or {}).get("annotations")
+    if train_json and Path(train_json).is_file():
+        return _read_json(train_json).get("categories")
+    return None
+
+
+def _read_json(path: str | Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 def unused_labels(labels: Sequence[Mapping], *, num_classes: int) -> list[int]:

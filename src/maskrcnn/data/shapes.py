@@ -84,7 +84,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image + 6 * rng.standard_normal(size=image.shape, dtype=np.float32)
 
 
-def _place(rng: np.random.Generator, size: int) -> tuple[int, np.ndarray]:
+def place_shape(rng: np.random.Generator, size: int) -> tuple[int, np.ndarray]:
     """Draws a class and its polygon [V, 2] in continuous pixel coordinates, inside the image."""
     category = int(rng.integers(len(SHAPE_NAMES)))
     extent = rng.uniform(*_SIZE_RANGE) * size / 2
@@ -99,12 +99,13 @@ def _place(rng: np.random.Generator, size: int) -> tuple[int, np.ndarray]:
     return category, np.round(points + centre, 2)
 
 
-def _rasterise(polygon: np.ndarray, size: int) -> np.ndarray:
+def rasterise(polygon: np.ndarray, size: int) -> np.ndarray:
+    """bool [size, size]: the pixels a polygon [V, 2] covers, as COCO's tools draw it."""
     rle = mask_utils.frPyObjects([polygon.reshape(-1).tolist()], size, size)
     return mask_utils.decode(rle)[..., 0].astype(bool)
 
 
-def _extreme_pixels(mask: np.ndarray) -> np.ndarray:
+def extreme_pixels(mask: np.ndarray) -> np.ndarray:
     """[4, 2] integer (x, y) of the top, bottom, left and rightmost pixels of a mask.
 
     Where several pixels tie (a flat top), the middle one is taken, so that a flipped
@@ -131,8 +132,8 @@ def _generate_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, li
     for _ in range(wanted * 4):  # a few tries per object; crowded images end up with fewer
         if len(objects) == wanted:
             break
-        category, polygon = _place(rng, size)
-        full = _rasterise(polygon, size)
+        category, polygon = place_shape(rng, size)
+        full = rasterise(polygon, size)
         if full.sum() < 20:
             continue
         too_hidden = any((obj["visible"] & ~full).sum() < _MIN_VISIBLE_FRACTION * obj["full"].sum() for obj in objects)
@@ -159,7 +160,7 @@ def _annotations(objects: list[dict], image_id: int, first_id: int) -> list[dict
         else:  # the exact outline: rasterising it gives the same pixels as `full`
             segmentation = [obj["polygon"].reshape(-1).tolist()]
             rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
-        extremes = _extreme_pixels(obj["full"])
+        extremes = extreme_pixels(obj["full"])
         flags = np.where(visible[extremes[:, 1], extremes[:, 0]], 2, 1)
         keypoints = np.concatenate([extremes, flags[:, None]], axis=1).reshape(-1)
         annotations.append({

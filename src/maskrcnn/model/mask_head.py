@@ -122,6 +122,60 @@ def mask_targets(
     return roi_align(masks, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=aligned)[:, 0]
 
 
+def jitter_boxes(boxes: Tensor, *, image_size: tuple[int, int], fraction: float) -> Tensor:
+    """Boxes [N, 4] with each side moved by up to `fraction` times the box's width / height
+    (uniformly at random), kept inside the (height, width) image and at least 1 px wide."""
+    if fraction == 0 or len(boxes) == 0:
+        return boxes
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # [N, 4] w, h, w, h
+    jittered = boxes + (torch.rand(boxes.shape, device=boxes.device) * 2 - 1) * fraction * size
+    height, width = image_size
+    x1 = jittered[:, 0].clamp(0, width - 1)
+    y1 = jittered[:, 1].clamp(0, height - 1)
+    x2 = torch.maximum(jittered[:, 2].clamp(max=width), x1 + 1)
+    y2 = torch.maximum(jittered[:, 3].clamp(max=height), y1 + 1)
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
+def mask_training_rois(
+    *,
+    targets: list[dict],
+    proposals: list[Tensor],  # per image [R, 4]: the sampled proposals
+    proposal_labels: list[Tensor],  # per image [R] int64: their labels, 0 for background
+    matched_idxs: list[Tensor],  # per image [R] int64: each proposal's instance in its target
+    image_sizes: list[tuple[int, int]],
+    train_on: str,
+    gt_box_jitter: float,
+    mask_classes: list[int] | None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per image: the boxes that train the mask head [M, 4], their instance indices [M] and labels [M].
+
+    `train_on="proposals"`: the positive proposals (Mask R-CNN); `"gt_boxes"`: the ground-truth boxes,
+    jittered by `gt_box_jitter` (Birodkar et al.). Then only the instances with a mask annotation
+    (`has_mask`, when the target has it) and, when `mask_classes` is given, a label among them.
+    """
+    boxes, matched, labels = [], [], []
+    for i, target in enumerate(targets):  # loop over images
+        if train_on == "gt_boxes":
+            instance = torch.arange(len(target["boxes"]), device=target["boxes"].device)
+            roi_boxes = target["boxes"].to(proposals[i].dtype)
+            roi_boxes = jitter_boxes(roi_boxes, image_size=image_sizes[i], fraction=gt_box_jitter)
+            roi_labels = target["labels"]
+        else:
+            positive = torch.where(proposal_labels[i] > 0)[0]
+            instance = matched_idxs[i][positive]
+            roi_boxes, roi_labels = proposals[i][positive], proposal_labels[i][positive]
+        keep = torch.ones_like(instance, dtype=torch.bool)
+        if "has_mask" in target:
+            keep &= target["has_mask"].to(torch.bool)[instance]
+        if mask_classes is not None:
+            keep &= torch.isin(roi_labels, torch.as_tensor(mask_classes, device=roi_labels.device))
+        boxes.append(roi_boxes[keep])
+        matched.append(instance[keep])
+        labels.append(roi_labels[keep])
+    return boxes, matched, labels
+
+
 def _select_class_channel(mask_logits: Tensor, labels: Tensor) -> Tensor:
     """`[R, C, M, M]` -> `[R, M, M]`: channel `labels[r]`, or channel 0 when class-agnostic (C == 1)."""
     channel = labels if mask_logits.shape[1] > 1 else torch.zeros_like(labels)

@@ -30,7 +30,7 @@ from maskrcnn.model.box_ops import (
     ignore_crowd,
 )
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
-from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets
+from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets, mask_training_rois
 from maskrcnn.model.point_supervision import POINT_LOSS_AVERAGES, point_mask_loss, sample_point_subset
 from maskrcnn.model.roi_align import roi_align
 from maskrcnn.model.threads import thread_pool
@@ -284,7 +284,11 @@ class RoIHeads(nn.Module):
                 detection["masks"] = masks_in_image
             return None
 
-        boxes, matched, labels = self._mask_training_rois(samples, targets, image_sizes)
+        boxes, matched, labels = mask_training_rois(
+            targets=targets, proposals=samples.boxes, proposal_labels=samples.labels,
+            matched_idxs=samples.matched_idxs, image_sizes=image_sizes, train_on=self.mask_train_on,
+            gt_box_jitter=self.gt_box_jitter, mask_classes=self.mask_classes,
+        )
         mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [R, C, M, M]
         if self.point_supervision:
             point_labels = [t["point_labels"] for t in targets]
@@ -303,44 +307,6 @@ class RoIHeads(nn.Module):
             mask_targets(t["masks"], b, m, mask_size, aligned=aligned) for t, b, m in zip(targets, boxes, matched)
         ]
         return mask_loss(mask_logits, torch.cat(per_image), torch.cat(labels))
-
-    def _mask_training_rois(self, samples, targets, image_sizes) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Per image: the boxes that train the mask head, their instance indices and labels.
-        Positive proposals (Mask R-CNN), or the (jittered) ground-truth boxes (Birodkar et al.);
-        then only instances with a mask annotation and a label in `mask_classes`."""
-        boxes, matched, labels = [], [], []
-        for i, target in enumerate(targets):  # loop over images
-            if self.mask_train_on == "gt_boxes":
-                instance = torch.arange(len(target["boxes"]), device=target["boxes"].device)
-                roi_boxes = self._jitter(target["boxes"].to(samples.boxes[i].dtype), image_sizes[i])
-                roi_labels = target["labels"]
-            else:
-                positive = torch.where(samples.labels[i] > 0)[0]
-                instance = samples.matched_idxs[i][positive]
-                roi_boxes, roi_labels = samples.boxes[i][positive], samples.labels[i][positive]
-            keep = torch.ones_like(instance, dtype=torch.bool)
-            if "has_mask" in target:
-                keep &= target["has_mask"].to(torch.bool)[instance]
-            if self.mask_classes is not None:
-                keep &= torch.isin(roi_labels, torch.as_tensor(self.mask_classes, device=roi_labels.device))
-            boxes.append(roi_boxes[keep])
-            matched.append(instance[keep])
-            labels.append(roi_labels[keep])
-        return boxes, matched, labels
-
-    def _jitter(self, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """Move each side by up to `gt_box_jitter` times the box's width / height, stay >= 1 px wide."""
-        if self.gt_box_jitter == 0 or len(boxes) == 0:
-            return boxes
-        size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # [N, 4] w, h, w, h
-        noise = (torch.rand(boxes.shape, device=boxes.device) * 2 - 1) * self.gt_box_jitter * size
-        jittered = boxes + noise
-        height, width = image_size
-        x1 = jittered[:, 0].clamp(0, width - 1)
-        y1 = jittered[:, 1].clamp(0, height - 1)
-        x2 = torch.maximum(jittered[:, 2].clamp(max=width), x1 + 1)
-        y2 = torch.maximum(jittered[:, 3].clamp(max=height), y1 + 1)
-        return torch.stack([x1, y1, x2, y2], dim=1)
 
     def run_on_boxes(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
                      detections: list[dict[str, Tensor]]) -> None:
