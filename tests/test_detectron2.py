@@ -362,3 +362,25 @@ def test_label_table_only_for_models_trained_on_coco():
     assert len(detectron2_labels(coco, ModelConfig(num_classes=80))) == 80
     assert detectron2_labels(resolved_config({"DATASETS": {"TRAIN": ["widgets_train"]}}), ModelConfig(num_classes=80)) is None
     assert detectron2_labels(coco, ModelConfig(num_classes=3)) is None
+
+
+def test_conv_box_head_with_one_fc_loads_in_place(tmp_path, shared):
+    """ROI_BOX_HEAD NUM_CONV 2, NUM_FC 1 (convs with bias, no norm): every detectron2 tensor lands
+    in its place in our box head."""
+    from maskrcnn.checkpoint.detectron2 import _our_name
+
+    g = torch.Generator().manual_seed(0)
+    state = reference_state(shared)
+    del state["roi_heads.box_head.fc2.weight"], state["roi_heads.box_head.fc2.bias"]
+    extra = {"roi_heads.box_head.conv1.weight": torch.randn(32, 64, 3, 3, generator=g),
+             "roi_heads.box_head.conv1.bias": torch.randn(32, generator=g),
+             "roi_heads.box_head.conv2.weight": torch.randn(32, 32, 3, 3, generator=g),
+             "roi_heads.box_head.conv2.bias": torch.randn(32, generator=g),
+             "roi_heads.box_head.fc1.weight": torch.randn(128, 32 * 7 * 7, generator=g)}
+    state.update(extra)
+    overrides = "MODEL:\n  ROI_BOX_HEAD:\n    NUM_CONV: 2\n    CONV_DIM: 32\n    NUM_FC: 1\n"
+    model = from_detectron2(*write_variant(tmp_path, shared, overrides, state))
+    assert (model.config.box_head.num_convs, model.config.box_head.conv_dim, model.config.box_head.num_fcs) == (2, 32, 1)
+    ours = model.state_dict()
+    for name, tensor in extra.items():
+        assert torch.equal(ours[_our_name(name)], tensor), name

@@ -71,7 +71,7 @@ SUPPORTED: dict[str, tuple[Any, ...]] = {
     "MODEL.ROI_HEADS.NAME": ("StandardROIHeads",),
     "MODEL.ROI_HEADS.IN_FEATURES": (ROI_FEATURES,),
     "MODEL.ROI_BOX_HEAD.NAME": ("FastRCNNConvFCHead",),
-    "MODEL.ROI_BOX_HEAD.NUM_FC": (2,),
+    "MODEL.ROI_BOX_HEAD.NUM_FC": (1, 2),
     "MODEL.ROI_BOX_HEAD.NORM": ("",),
     "MODEL.ROI_BOX_HEAD.POOLER_TYPE": ("ROIAlignV2", "ROIAlign"),
     "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": (False,),
@@ -451,7 +451,8 @@ def _rpn_settings(config: ModelConfig, cfg: dict, *, where: str) -> None:
 
 def _box_head_settings(config: ModelConfig, cfg: dict, state: dict[str, Tensor]) -> None:
     box = config.box_head
-    box.fg_iou_thresh = box.bg_iou_thresh = float(setting(cfg, "MODEL.ROI_HEADS.IOU_THRESHOLDS")[0])
+    thresholds = [float(t) for t in setting(cfg, "MODEL.ROI_HEADS.IOU_THRESHOLDS")]  # [fg] or [bg, fg]
+    box.bg_iou_thresh, box.fg_iou_thresh = thresholds[0], thresholds[-1]
     box.batch_size_per_image = int(setting(cfg, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"))
     box.positive_fraction = float(setting(cfg, "MODEL.ROI_HEADS.POSITIVE_FRACTION"))
     box.pooler_resolution = int(setting(cfg, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION"))
@@ -460,6 +461,7 @@ def _box_head_settings(config: ModelConfig, cfg: dict, state: dict[str, Tensor])
     box.num_convs = _count(state, r"roi_heads\.box_head\.conv\d+\.weight")
     if box.num_convs:
         box.conv_dim = _weight(state, "roi_heads.box_head.conv1.weight").shape[0]
+    box.num_fcs = _count(state, r"roi_heads\.box_head\.fc\d+\.weight")
     box.fc_dim = _weight(state, "roi_heads.box_head.fc1.weight").shape[0]
     box.bbox_reg_weights = [float(w) for w in setting(cfg, "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS")]
     box.score_thresh = float(setting(cfg, "MODEL.ROI_HEADS.SCORE_THRESH_TEST"))
