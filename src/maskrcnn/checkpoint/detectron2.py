@@ -41,7 +41,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..model.mask_rcnn import MaskRCNN, build_model
 from .detectron2_defaults import DETECTRON2_DEFAULTS
-from .format import load_state_dict_checked, read_weights_file, save_checkpoint
+from .format import load_state_dict_checked, read_weights_file
 from .label_space import PERSON_LABELS, coco_categories, labels_from_categories
 
 FPN_FEATURES = ["res2", "res3", "res4", "res5"]
@@ -161,14 +161,6 @@ def _read(*, weights: str | Path, config: str | Path) -> tuple[dict, ModelConfig
     state = read_detectron2_weights(weights)
     model_config = model_config_from(cfg, state, where=where)
     return cfg, model_config, convert_state_dict(state, model_config, weights=weights)
-
-
-def convert_detectron2(*, weights: str | Path, config: str | Path, destination: str | Path) -> MaskRCNN:
-    """`maskrcnn convert --config`: detectron2 files -> our checkpoint, with the label -> category
-    id / name table of a COCO model (see `detectron2_labels`). Returns the converted model."""
-    model = from_detectron2(weights, config)
-    save_checkpoint(destination, model, model_config=model.config, converted_from=str(weights))
-    return model
 
 
 # --------------------------------------------------------------------------- weights files
