@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.checkpoint.detectron2 import from_detectron2
+from maskrcnn.model.mask_head import paste_masks
 
 MODELS = {"mask_rcnn_R_50_FPN": "model_final.pkl", "keypoint_rcnn_R_50_FPN": "model_final.pth",
           "faster_rcnn_R_101_FPN": "model_final.pth"}
@@ -34,7 +35,10 @@ def differences(model, result: dict, image: torch.Tensor) -> dict[str, float]:
         features = model.backbone(batch.tensors)
         proposals, logits, _ = model.rpn.propose(batch, features)
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
-        final = model._to_original_size(detections, batch.image_sizes, [tuple(image.shape[-2:])])[0]
+        final = model.transform.postprocess(detections, batch.image_sizes, [tuple(image.shape[-2:])])[0]
+        if "masks" in final:  # pasted as model(images) pastes them
+            final["masks"] = paste_masks(final["masks"], final["boxes"], tuple(image.shape[-2:]), padding=1,
+                                         aligned=model.paste_aligned)
     count = len(result["proposals"])
     found = {
         "detections (ours - theirs)": len(final["boxes"]) - len(result["boxes"]),

@@ -24,6 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.checkpoint.detectron2 import from_detectron2, read_detectron2
+from maskrcnn.model.mask_head import paste_masks
 
 torch.set_num_threads(1)  # one thread per test process on this shared machine (see test_model.py)
 MODELS = {
@@ -66,7 +67,10 @@ def run_stages(model, image: torch.Tensor) -> dict:
         features = model.backbone(batch.tensors)
         proposals, logits, _ = model.rpn.propose(batch, features)
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
-        final = model._to_original_size(detections, batch.image_sizes, [tuple(image.shape[-2:])])[0]
+        final = model.transform.postprocess(detections, batch.image_sizes, [tuple(image.shape[-2:])])[0]
+        if "masks" in final:  # pasted as model(images) pastes them
+            final["masks"] = paste_masks(final["masks"], final["boxes"], tuple(image.shape[-2:]), padding=1,
+                                         aligned=model.paste_aligned)
     return {"proposals": proposals[0], "logits": logits[0], "masks_28": detections[0].get("masks"), "final": final}
 
 
@@ -223,7 +227,7 @@ def test_resnext_without_stride_in_1x1_loads_its_widths(tmp_path, shared):
     """A ResNeXt (NUM_GROUPS 4, WIDTH_PER_GROUP 8, STRIDE_IN_1X1 false) in detectron2's names:
     groups and widths come off the weights, the strides off the config, and the backbone computes
     what the model the weights came from computes."""
-    from maskrcnn.checkpoint.detectron2 import _our_name
+    from maskrcnn.checkpoint.detectron2 import our_name
     from maskrcnn.model.backbone import ResNetFPN
 
     torch.manual_seed(0)
@@ -231,7 +235,7 @@ def test_resnext_without_stride_in_1x1_loads_its_widths(tmp_path, shared):
                        groups=4, width_per_group=8).eval()
     state = reference_state(shared)
     for name in [n for n in state if n.startswith("backbone.")]:  # the same names, ResNeXt shapes
-        state[name] = source.state_dict()[_our_name(name)[len("backbone."):]].clone()
+        state[name] = source.state_dict()[our_name(name)[len("backbone."):]].clone()
     overrides = "MODEL:\n  RESNETS:\n    NUM_GROUPS: 4\n    WIDTH_PER_GROUP: 8\n    STRIDE_IN_1X1: false\n"
     weights, config = write_variant(tmp_path, shared, overrides, state)
     model = from_detectron2(weights, config)
@@ -355,7 +359,8 @@ def test_convert_writes_a_checkpoint_with_coco_names(tmp_path, shared, capsys):
 
 
 def test_label_table_only_for_models_trained_on_coco():
-    from maskrcnn.checkpoint.detectron2 import detectron2_labels, resolved_config
+    from maskrcnn.checkpoint.detectron2 import detectron2_labels
+    from maskrcnn.checkpoint.detectron2_config import resolved_config
     from maskrcnn.config import ModelConfig
 
     coco = resolved_config({"DATASETS": {"TRAIN": "('coco_2017_train',)"}})  # a zoo file's tuple
@@ -367,7 +372,7 @@ def test_label_table_only_for_models_trained_on_coco():
 def test_conv_box_head_with_one_fc_loads_in_place(tmp_path, shared):
     """ROI_BOX_HEAD NUM_CONV 2, NUM_FC 1 (convs with bias, no norm): every detectron2 tensor lands
     in its place in our box head."""
-    from maskrcnn.checkpoint.detectron2 import _our_name
+    from maskrcnn.checkpoint.detectron2 import our_name
 
     g = torch.Generator().manual_seed(0)
     state = reference_state(shared)
@@ -383,4 +388,4 @@ def test_conv_box_head_with_one_fc_loads_in_place(tmp_path, shared):
     assert (model.config.box_head.num_convs, model.config.box_head.conv_dim, model.config.box_head.num_fcs) == (2, 32, 1)
     ours = model.state_dict()
     for name, tensor in extra.items():
-        assert torch.equal(ours[_our_name(name)], tensor), name
+        assert torch.equal(ours[our_name(name)], tensor), name

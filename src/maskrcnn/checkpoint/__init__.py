@@ -7,7 +7,7 @@ label_space.py  label -> (COCO category id, name) tables: torchvision's 91 slots
 convert.py      `maskrcnn convert`: foreign weights -> our checkpoint + label table + recipe
 fine_tune.py    `train.init_weights`: load all but the class-dependent predictor tensors
 detectron2.py   detectron2's weights + YAML config -> our model (from_detectron2, read_detectron2);
-                detectron2_defaults.py holds its config defaults
+                detectron2_config.py reads and checks its YAML, detectron2_defaults.py its defaults
 
 This package imports `model/`; `model/` never imports it.
 """
