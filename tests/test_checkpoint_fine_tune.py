@@ -131,3 +131,21 @@ def test_batchnorm_weights_load_into_frozen_batchnorm():
     assert any(k.endswith("num_batches_tracked") for k in source) and load_fine_tuning_state(frozen, source, what="x") == []
     for name, tensor in frozen.state_dict().items():
         assert torch.equal(tensor, source[name]), name
+
+
+def test_another_keypoint_count_restarts_only_the_keypoint_predictor():
+    import dataclasses
+
+    from test_trainer import tiny_model_config
+
+    from maskrcnn.checkpoint.fine_tune import load_fine_tuning_state
+    from maskrcnn.model.mask_rcnn import build_model
+
+    config = tiny_model_config()
+    source = build_model(config).state_dict()  # 4 keypoints
+    more = dataclasses.replace(config, keypoint_head=dataclasses.replace(config.keypoint_head, num_keypoints=6))
+    skipped = load_fine_tuning_state(build_model(more), source, what="x")
+    assert [(s.name, s.reason) for s in skipped] == [
+        ("roi_heads.keypoint_head.deconv.weight", "keypoint predictor: another keypoint count"),
+        ("roi_heads.keypoint_head.deconv.bias", "keypoint predictor: another keypoint count"),
+    ]
