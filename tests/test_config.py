@@ -46,6 +46,8 @@ def test_round_trip(tmp_path):
         ("train.amp=maybe", "train.amp"),
         ("model.backbone=3", "model.backbone"),
         ("no_equals_sign", "key.sub=value"),
+        ("model.mask_head.point_loss_average=mean", "model.mask_head.point_loss_average=mean: expected one of "
+         "valid_points, all_points"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

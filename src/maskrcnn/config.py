@@ -373,6 +373,7 @@ _CHOICES: dict[str, tuple] = {
     "model.mask_head.architecture": ("fcn", "deep_fcn", "resnet", "hourglass"),
     "model.mask_head.block": ("bottleneck", "basic"),
     "model.mask_head.train_on": ("proposals", "gt_boxes"),
+    "model.mask_head.point_loss_average": ("valid_points", "all_points"),
     "data.name": ("shapes", "coco"),
     "data.check_images": ("header", "exists", "none", "full"),
     "data.bad_images": ("skip", "fail"),
