@@ -36,8 +36,9 @@ from maskrcnn.data.shapes import SHAPE_NAMES
 
 # On top of the recipe: no evaluation inside `train` (each run is evaluated once at the end, with
 # the class groups), a checkpoint every 500 iterations (a killed run loses at most that much),
-# data loading in the training process (two runs share the machine's two cores, one each). The keypoint head stays on, as in the demo: without its
-# supervision the shared backbone learns far less (experiments/README.md, appendix).
+# data loading in the training process (two runs share the machine's two cores, one each). The
+# keypoint head stays on, as in the demo: without its supervision the shared backbone learns far
+# less (experiments/README.md, appendix).
 BASE_OVERRIDES = [
     "data.num_workers=0",
     "train.eval_every=0",
@@ -150,7 +151,8 @@ def config_differences(stored: dict, wanted: dict) -> list[str]:
     """`key: stored -> wanted` for every config key that differs (the output folder aside)."""
     stored_flat, wanted_flat = _flat(stored), _flat(wanted)
     keys = sorted((set(stored_flat) | set(wanted_flat)) - {"train.output_dir"})
-    return [f"{k}: {stored_flat.get(k)!r} -> {wanted_flat.get(k)!r}" for k in keys if stored_flat.get(k) != wanted_flat.get(k)]
+    return [f"{k}: {stored_flat.get(k)!r} -> {wanted_flat.get(k)!r}"
+            for k in keys if stored_flat.get(k) != wanted_flat.get(k)]  # fmt: skip
 
 
 def read_record(path: Path, config: Config) -> dict | None:
@@ -343,7 +345,8 @@ def filled_box_miou(coco, class_groups: dict[str, list[int]] | None, label_to_ca
         box = mask_utils.frPyObjects(np.array([annotation["bbox"]], dtype=np.float64), image["height"], image["width"])
         ious.append(float(mask_utils.iou(box, [coco.annToRLE(annotation)], [0])[0, 0]))
         categories.append(annotation["category_id"])
-    category_groups = {group: [label_to_category[m] for m in members] for group, members in (class_groups or {}).items()}
+    category_groups = {group: [label_to_category[m] for m in members]
+                       for group, members in (class_groups or {}).items()}  # fmt: skip
     return _group_means(torch.tensor(ious, dtype=torch.float64), torch.tensor(categories), category_groups)
 
 

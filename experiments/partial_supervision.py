@@ -50,7 +50,9 @@ def rows(mask_classes: list[int], resnet_blocks: int, hourglass_levels: int) -> 
     overrides = {
         "proposals + fcn": partial + ["model.mask_head.train_on=proposals", "model.mask_head.architecture=fcn"],
         "gt_boxes + fcn": on_gt + ["model.mask_head.architecture=fcn"],
-        "gt_boxes + resnet": on_gt + ["model.mask_head.architecture=resnet", f"model.mask_head.num_convs={resnet_blocks}"],
+        "gt_boxes + resnet": on_gt + [
+            "model.mask_head.architecture=resnet", f"model.mask_head.num_convs={resnet_blocks}",
+        ],
         "gt_boxes + hourglass": on_gt + [
             "model.mask_head.architecture=hourglass", f"model.mask_head.num_convs={hourglass_levels}",
         ],
@@ -80,9 +82,11 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_arguments(parser)
-    parser.add_argument("--mask-classes", default="1,3,5", help="labels trained with masks (default: circle, triangle, hexagon)")
+    parser.add_argument("--mask-classes", default="1,3,5",
+                        help="labels trained with masks (default: circle, triangle, hexagon)")  # fmt: skip
     parser.add_argument("--resnet-blocks", type=int, default=8)
-    parser.add_argument("--hourglass-levels", type=int, default=2, help="levels of the hourglass head (28 -> 14 -> 7 with 2)")
+    parser.add_argument("--hourglass-levels", type=int, default=2,
+                        help="levels of the hourglass head (28 -> 14 -> 7 with 2)")  # fmt: skip
     args = _common.parse_arguments(parser, argv, script=EXPERIMENT)
 
     mask_classes = [int(v) for v in args.mask_classes.split(",")]
