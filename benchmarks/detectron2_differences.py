@@ -63,19 +63,28 @@ def differences(model, result: dict, image: torch.Tensor) -> dict[str, float]:
     return found
 
 
+def default_root() -> Path:
+    project = Path(__file__).resolve().parents[1]
+    for folder in [project, *project.parents]:
+        if (folder / "shared" / "detectron2" / "README.md").is_file():
+            return folder / "shared" / "detectron2"
+    raise SystemExit("detectron2 reference outputs not found beside the project: pass --shared")
+
+
 def worst(values: list[float], key: str) -> float:
     return min(values) if "min" in key else max(values, key=abs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"),
-                        help="the folder that holds detectron2/ (default: ../shared of the project root)")
+    parser.add_argument("--shared", default=None,
+                        help="the folder that holds detectron2/ (default: the first shared/ beside the project "
+                             "root or one of its parents)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; the convolutions' summation order, hence the last bits, "
                              "depends on it (default: PyTorch's)")
     args = parser.parse_args()
-    root = Path(args.shared) / "detectron2"
+    root = Path(args.shared) / "detectron2" if args.shared else default_root()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
