@@ -14,7 +14,6 @@ or a single channel when class-agnostic. Loss, inference and pasting are pure fu
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,7 +23,6 @@ from maskrcnn.model.box_head import conv3x3_norm_relu
 from maskrcnn.model.threads import thread_pool
 
 MASK_ARCHITECTURES = ("fcn", "deep_fcn", "resnet", "hourglass")
-_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
 _WIDTH_GROUPS = 4  # paste_masks pastes masks in this many groups of similar width
 
 
@@ -248,17 +246,15 @@ def paste_masks(
     Batched: bilinear resizing is separable, so each mask is first resized along x over a window
     of columns as wide as the widest box of its group, then each of its rows inside the image is
     interpolated from two of those rows and written in one indexed copy. The work grows with the
-    pasted area, not with N * H * W; there is no Python loop over masks.
+    pasted area (zeroing the output is one memset of N * H * W); there is no Python loop over masks.
     """
     num_masks, height, width = len(masks), *image_size
     device, dtype = masks.device, masks.dtype
-    if device.type == "cpu" and dtype in _NUMPY_FLOATS:
-        # numpy.zeros gets its memory from calloc: the kernel hands out zero pages lazily, so the
-        # (mostly empty) image area outside the boxes is never written, where torch.zeros would
-        # write all N * H * W values first. It is an ordinary tensor afterwards.
-        pasted = torch.from_numpy(np.zeros((num_masks, 1, height, width), dtype=_NUMPY_FLOATS[dtype]))
-    else:
-        pasted = torch.zeros((num_masks, 1, height, width), dtype=dtype, device=device)
+    # torch.zeros, not numpy.zeros: numpy asks the kernel for transparent huge pages on arrays this
+    # large, and after a forward has fragmented memory the first write makes the kernel compact it
+    # (tens of ms, more than writing the zeros). With the allocator off mmap (optimize_for_cpu) the
+    # zeros land in pages already mapped.
+    pasted = torch.zeros((num_masks, 1, height, width), dtype=dtype, device=device)
     if num_masks == 0:
         return pasted
 

@@ -94,7 +94,8 @@ class MultiLevelRoIAlign(nn.Module):
             level = torch.floor(4 + torch.log2(size / self.canonical_box_size) + torch.tensor(1e-6, dtype=size.dtype))
         level = level.clamp(min=first_level, max=last_level).to(torch.int64) - first_level
 
-        pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))
+        # every box is on exactly one level (clamped above), so every row of `pooled` is written
+        pooled = maps[0].new_empty((len(rois), maps[0].shape[1], self.output_size, self.output_size))
         # Per level (4), or per level and share of its boxes when pooling in threads: (boxes, map, scale).
         shares = self.num_threads if self._in_threads(maps[0]) else 1
         jobs = [(share, feature_map, scale) for index, (feature_map, scale) in enumerate(zip(maps, scales))
@@ -107,7 +108,7 @@ class MultiLevelRoIAlign(nn.Module):
 
         results = map(pool, jobs) if shares == 1 else thread_pool(shares).map(pool, jobs)
         for (on_level, _, _), result in zip(jobs, results):
-            pooled[on_level] = result.to(pooled.dtype)
+            pooled.index_copy_(0, on_level, result.to(pooled.dtype))
         return pooled
 
     def _in_threads(self, feature_map: Tensor) -> bool:
