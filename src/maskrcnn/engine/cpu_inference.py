@@ -3,10 +3,11 @@
 Modes (`INFERENCE_MODES`):
 
 - "eager": the model as built (already with the exact early-stop NMS, `box_ops.batched_nms_top_k`).
-- "strict": outputs identical to the eager model and to torchvision's on the same weights.
+- "strict": outputs identical to torchvision's on the same weights (and to the eager model's,
+  except that masks are pasted torchvision's way; models with aligned pasting keep their own).
   glibc's allocator kept off mmap (large tensors reuse the heap instead of fresh pages that fault in
   on first write; process-wide, see `keep_allocator_off_mmap`), convolutions of the ResNet body and
-  the mask head on weights reordered once for oneDNN (`model/onednn.PrepackedConv2d`, exact),
+  the mask / keypoint heads on weights reordered once for oneDNN (`model/onednn.PrepackedConv2d`, exact),
   `roi_align` split over threads, masks pasted torchvision's way (its exact numbers) in threads.
 - "fast" (the default): strict's allocator and threads, plus every convolution with its frozen
   BatchNorm folded in and ReLU / residual addition fused into one oneDNN call on channels_last
@@ -15,8 +16,9 @@ Modes (`INFERENCE_MODES`):
   units do bf16 (the `amx_bf16` CPU flag). Anchors, box decoding, NMS, RoIAlign and pasting stay
   fp32. Without AMX it falls back to "fast" and warns: bf16 there is slower than fp32.
 
-Nothing is compiled: the modules are rebuilt eagerly in about a second, so there is no warm-up or
-compile cache to manage; the first call is slower only by oneDNN's own primitive creation.
+Nothing is compiled (torch.compile's inductor would take minutes per process on a small CPU): the
+modules are rebuilt eagerly, in seconds, so there is no compile cache to manage; the first call
+is slower only by oneDNN's creation of its kernels for the new shapes (a warm-up image pays it).
 The returned model is for inference only (no gradients; its state_dict lacks the fused weights:
 save the original model).
 """
@@ -115,8 +117,10 @@ def optimize_for_cpu(
         pooler.num_threads = threads
     if mode == "strict":
         prepack_convs(optimized.backbone.body)
-        if optimized.roi_heads.mask_head is not None:
-            prepack_convs(optimized.roi_heads.mask_head)
+        heads = optimized.roi_heads
+        for head in (getattr(heads, "mask_head", None), getattr(heads, "keypoint_head", None)):
+            if head is not None:
+                prepack_convs(head)
         optimized.paste_per_box_threads = threads
         return optimized
     _fuse(optimized, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
