@@ -47,20 +47,22 @@ def main() -> None:
     parser.add_argument("--annotations", help="COCO json of the validation images")
     parser.add_argument("--images", help="their folder")
     parser.add_argument("--modes", default="eager,fast,bf16")
+    parser.add_argument("--limit", type=int, help="only the first LIMIT images (a quicker, noisier AP)")
     args = parser.parse_args()
 
     checkpoint = read_checkpoint(args.weights)
     model = load_checkpoint(checkpoint).eval()
     annotations, images = validation_files(checkpoint, args.annotations, args.images)
     dataset = CocoDataset(annotations, images)
-    print(f"{args.weights}: {len(dataset)} images of {annotations}; {torch.get_num_threads()} threads, "
+    print(f"{args.weights}: {args.limit or len(dataset)} images of {annotations}; {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}, AMX bf16: {has_fast_bf16()}")  # fmt: skip
+    indices = list(range(min(args.limit, len(dataset)))) if args.limit else None
     results = {}
     for mode in args.modes.split(","):
         optimized = optimize_for_cpu(model, mode=mode)
         start = time.perf_counter()
         with torch.no_grad():
-            metrics = evaluate(optimized, dataset, device="cpu", batch_size=1)
+            metrics = evaluate(optimized, dataset, device="cpu", batch_size=1, indices=indices)
         elapsed = time.perf_counter() - start
         results[mode] = {iou_type: values["AP"] for iou_type, values in metrics.items() if "AP" in values}
         aps = ", ".join(f"{k} AP {100 * v:.2f}" for k, v in results[mode].items())
