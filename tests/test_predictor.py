@@ -100,3 +100,18 @@ def test_bad_inputs_are_named_by_position(model):
         predictor(torch.zeros(4, 8, 8))
     with pytest.raises(FileNotFoundError, match="input 0: .*missing.png is not a file"):
         predictor("missing.png")
+
+
+def test_cpu_inference_modes(model):
+    """inference_mode runs optimize_for_cpu: strict gives the model's boxes, labels and scores
+    exactly, fast within float tolerance; a bad mode is named."""
+    arrays = [_pixels(3)]
+    expected = _reference(model, arrays)[0]
+    strict = Predictor(model, device="cpu", score_threshold=THRESHOLD, inference_mode="strict")(arrays[0])
+    fast = Predictor(model, device="cpu", score_threshold=THRESHOLD, inference_mode="fast")(arrays[0])
+    assert strict["names"] == fast["names"]
+    for key in ("boxes", "labels", "scores"):
+        torch.testing.assert_close(strict[key], expected[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(fast[key], expected[key], rtol=1e-4, atol=1e-3, msg=key)
+    with pytest.raises(ValueError, match="inference_mode must be one of"):
+        Predictor(model, device="cpu", inference_mode="turbo")

@@ -155,6 +155,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     model, checkpoint = _load_model(args.weights, device)
+    if args.inference_mode != "eager":
+        if device.type != "cpu":
+            raise CommandError(f"--inference-mode {args.inference_mode} is for the CPU, not {device}")
+        from maskrcnn.engine.cpu_inference import optimize_for_cpu
+
+        model = optimize_for_cpu(model, mode=args.inference_mode)
     image_ids = image_ids_from_coco(_read_json(args.annotations)) if args.annotations else None
     report = predict(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
                      score_threshold=args.score_threshold, categories=trained_categories(checkpoint, annotations=args.annotations),
@@ -304,6 +310,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     predict.add_argument("--batch-size", type=int, default=4, help="images or frames per model call")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    predict.add_argument("--inference-mode", choices=("eager", "strict", "fast", "bf16"), default="eager",
+                         help="CPU only: strict = outputs identical to torchvision's; fast = fused oneDNN "
+                              "convolutions (float tolerance); bf16 = AMX CPUs (fast elsewhere); default eager")  # fmt: skip
     predict.add_argument("--annotations", help="COCO JSON: its categories name the labels (default: the checkpoint's), "
                                                "and results carry its image ids (matched by file_name), so they can be scored")
     predict.add_argument("--no-draw", action="store_true", help="write no pictures or annotated videos, only results")

@@ -41,6 +41,9 @@ class Predictor:
         "box" keeps `[N, 1, 28, 28]` over each box (N * 28 * 28 instead of N * H * W values: a
         100-detection 4000 x 3000 image needs 4.8 GB dense); `paste_in_chunks` pastes them later.
     categories: COCO categories naming the labels when the model carries no label table.
+    inference_mode: on the CPU, "eager" (the model as it is), or an `optimize_for_cpu` mode for our
+        MaskRCNN: "strict" (outputs identical to torchvision's), "fast" (fused oneDNN convolutions,
+        within float tolerance), "bf16" (AMX CPUs; "fast" elsewhere). See docs/results.md.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Predictor:
         input_format: str = "RGB",
         masks: str = "image",
         categories: Sequence[Mapping] | None = None,
+        inference_mode: str = "eager",
     ) -> None:
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
@@ -69,7 +73,7 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = self._for_device(model.to(self.device).eval(), inference_mode)
         self.score_threshold, self.batch_size, self.input_format = score_threshold, batch_size, input_format
         table = getattr(model, "label_space", None) or (labels_from_categories(categories) if categories else None)
         self.label_names: dict[int, str] = label_names(table) if table else {}
@@ -77,6 +81,19 @@ class Predictor:
         # Only our model can keep masks over their boxes; others always paste.
         self.masks_over_boxes = masks == "box" and hasattr(model, "detect")
         self.paste_aligned = bool(getattr(model, "paste_aligned", False))
+
+    def _for_device(self, model: nn.Module, inference_mode: str) -> nn.Module:
+        from maskrcnn.engine.cpu_inference import INFERENCE_MODES, optimize_for_cpu
+
+        if inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"inference_mode must be one of {INFERENCE_MODES}, got {inference_mode!r}")
+        if inference_mode == "eager":
+            return model
+        if self.device.type != "cpu":
+            raise ValueError(f"inference_mode {inference_mode!r} is for the CPU; the device is {self.device}")
+        if not hasattr(model, "paste_per_box_threads"):  # our MaskRCNN
+            raise ValueError(f"inference_mode {inference_mode!r} needs our MaskRCNN, got {type(model).__name__}")
+        return optimize_for_cpu(model, mode=inference_mode)
 
     def __call__(self, inputs: ImageInput | Sequence[ImageInput]) -> dict[str, Any] | list[dict[str, Any]]:
         single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, Tensor) and inputs.dim() == 4)
