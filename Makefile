@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine:
 #   make demo   set up .venv, then run the main job on the built-in `shapes` data
 #   make test   set up .venv, then run the test suite
+#   make lint   set up .venv, then run the linter (ruff, configured in pyproject.toml)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs

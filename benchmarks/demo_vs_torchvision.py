@@ -38,7 +38,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn.config import Config, ModelConfig, load_config
 
-
 # The first torchvision reference recipe (a ResNet-18 FPN from scratch at 192 px with SGD), written
 # as overrides of the demo config; its figures are in docs/results.md.
 REFERENCE = [
@@ -49,19 +48,19 @@ REFERENCE = [
     "model.rpn.pre_nms_top_n_test=1000", "model.rpn.post_nms_top_n_train=2000", "model.rpn.post_nms_top_n_test=1000",
     "model.rpn.batch_size_per_image=256", "model.box_head.detections_per_img=100",
     "train.iterations=600", "train.batch_size=4", "train.lr=0.04", "train.schedule=cosine",
-]  # fmt: skip
+]
 
 # --r50: torchvision's maskrcnn_resnet50_fpn training recipe as our COCO config writes it (800 px,
 # frozen BN, 3 trainable stages, 2000 proposals, 512 RoIs), timed in fp32 on one shapes image
 # (192 px, upscaled to 800 x 800) with COCO's 80 classes; no weight file is needed for timing.
 R50_STEPS = ["model.backbone.weights=null", "train.batch_size=1", "train.amp=false", "data.name=shapes",
-             "data.root=data/shapes"]  # fmt: skip
+             "data.root=data/shapes"]
 
 
 def torchvision_mask_rcnn(config: ModelConfig) -> MaskRCNN:
     """torchvision's MaskRCNN with the sizes of `config` (+ its keypoint branch when enabled)."""
     norm = {"gn": lambda channels: nn.GroupNorm(32, channels), "bn": nn.BatchNorm2d,
-            "frozen_bn": FrozenBatchNorm2d}[config.backbone.norm]  # fmt: skip
+            "frozen_bn": FrozenBatchNorm2d}[config.backbone.norm]
     resnet = getattr(torchvision.models, f"resnet{config.backbone.depth}")(weights=None, norm_layer=norm)
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: config.backbone.trainable_stages]
     if config.backbone.trainable_stages == 5:
@@ -71,7 +70,7 @@ def torchvision_mask_rcnn(config: ModelConfig) -> MaskRCNN:
     widths = [64, 128, 256, 512] if config.backbone.depth < 50 else [256, 512, 1024, 2048]
     channels = config.backbone.fpn_channels
     backbone = BackboneWithFPN(resnet, {f"layer{i + 1}": str(i) for i in range(4)}, widths, channels,
-                               extra_blocks=LastLevelMaxPool())  # fmt: skip
+                               extra_blocks=LastLevelMaxPool())
     rpn, box, mask, keypoint = config.rpn, config.box_head, config.mask_head, config.keypoint_head
     levels = ["0", "1", "2", "3"]
     anchors = AnchorGenerator(tuple((s,) for s in rpn.anchor_sizes), (tuple(rpn.aspect_ratios),) * len(rpn.anchor_sizes))
@@ -94,7 +93,7 @@ def torchvision_mask_rcnn(config: ModelConfig) -> MaskRCNN:
         mask_roi_pool=MultiScaleRoIAlign(levels, mask.pooler_resolution, mask.sampling_ratio),
         mask_head=MaskRCNNHeads(channels, [mask.conv_dim] * mask.num_convs, 1),
         mask_predictor=MaskRCNNPredictor(mask.conv_dim, mask.conv_dim, config.num_classes + 1),
-    )  # fmt: skip
+    )
     if keypoint.enabled:
         heads = model.roi_heads  # RoIHeads runs every branch whose three parts are set
         heads.keypoint_roi_pool = MultiScaleRoIAlign(levels, keypoint.pooler_resolution, keypoint.sampling_ratio)
@@ -114,7 +113,7 @@ class DenseMasks(nn.Module):
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         if targets is not None:
             targets = [{**t, "masks": t["masks"].to_tensor().to(images[0].device)}
-                       if "masks" in t and not isinstance(t["masks"], torch.Tensor) else t for t in targets]  # fmt: skip
+                       if "masks" in t and not isinstance(t["masks"], torch.Tensor) else t for t in targets]
         return self.model(images, targets)
 
 
@@ -130,7 +129,7 @@ def run(name: str, config: Config, *, torchvision_model: bool) -> dict:
     minutes = (time.perf_counter() - started) / 60
     parameters = sum(p.numel() for p in summary["model"].parameters())
     return {"name": name, "minutes": minutes, "seconds_per_iteration": summary["seconds_per_iteration"],
-            "iterations": summary["iteration"], "parameters": parameters, "metrics": summary["metrics"]}  # fmt: skip
+            "iterations": summary["iteration"], "parameters": parameters, "metrics": summary["metrics"]}
 
 
 def _one_batch(config: Config) -> tuple[list, list]:
@@ -140,7 +139,7 @@ def _one_batch(config: Config) -> tuple[list, list]:
 
     data = config.data
     paths = ensure_shapes(data.root, num_train=data.shapes_train_images, num_val=data.shapes_val_images,
-                          image_size=data.shapes_image_size, seed=data.shapes_seed)  # fmt: skip
+                          image_size=data.shapes_image_size, seed=data.shapes_seed)
     dataset = CocoDataset(paths["train_annotations"], paths["train_images"])
     images, targets = zip(*[dataset[i] for i in range(config.train.batch_size)])
     return list(images), list(targets)
@@ -197,7 +196,7 @@ def _step_runners(config: Config, *, levers: bool) -> dict:
         return step
 
     return {name: runner("torchvision" if name == "torchvision" else "ours", variant)
-            for name, variant in variants.items()}  # fmt: skip
+            for name, variant in variants.items()}
 
 
 def time_steps(config: Config, steps: int, *, rounds: int, levers: bool) -> None:
@@ -253,7 +252,7 @@ def main() -> None:
         torch.set_num_threads(config.train.cpu_threads)
     print(f"{config.train.iterations} iterations of {config.train.batch_size} images, "
           f"{config.model.transform.min_size} px, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads")
     if args.steps:
         time_steps(config, args.steps, rounds=args.rounds, levers=args.levers)
         return
@@ -266,13 +265,13 @@ def main() -> None:
     for row in rows:
         cells = " ".join(f"{row['metrics'][k]:12.3f}" if k in row["metrics"] else f"{'-':>12s}" for k in keys)
         print(f"{row['name']:12s} {row['iterations']:6d} {row['seconds_per_iteration']:7.2f} {row['minutes']:8.1f} "
-              f"{row['parameters'] / 1e6:8.2f}M {cells}")  # fmt: skip
+              f"{row['parameters'] / 1e6:8.2f}M {cells}")
     if len(rows) == 2:
         ours, theirs = rows
         cells = " ".join(f"{ours['metrics'][k] / theirs['metrics'][k]:12.2f}"
-                         if theirs["metrics"].get(k) else f"{'-':>12s}" for k in keys)  # fmt: skip
+                         if theirs["metrics"].get(k) else f"{'-':>12s}" for k in keys)
         print(f"{'ours / tv':12s} {'':6s} {ours['seconds_per_iteration'] / theirs['seconds_per_iteration']:7.2f} "
-              f"{ours['minutes'] / theirs['minutes']:8.2f} {'':9s} {cells}")  # fmt: skip
+              f"{ours['minutes'] / theirs['minutes']:8.2f} {'':9s} {cells}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(rows, indent=1))
 

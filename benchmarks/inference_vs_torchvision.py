@@ -106,7 +106,7 @@ def build_all(args) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
         start = time.perf_counter()
         models[mode] = optimize_for_cpu(ours, mode=mode, tune_allocator=False)  # see child()
         print(f"optimize_for_cpu(mode={mode!r}): {time.perf_counter() - start:.1f} s "
-              f"(got {models[mode].inference_mode!r})", flush=True)  # fmt: skip
+              f"(got {models[mode].inference_mode!r})", flush=True)
     return theirs, models
 
 
@@ -121,7 +121,7 @@ def interleaved(theirs, models, images, repeats) -> tuple[dict, dict]:
     samples = {name: [] for name in runs}
     outputs = {}
     with torch.no_grad():
-        for name, (staged, model) in runs.items():  # warm-up: oneDNN primitives, allocator
+        for staged, model in runs.values():  # warm-up: oneDNN primitives, allocator
             staged(model, images)
         for _ in range(repeats):
             for name, (staged, model) in runs.items():
@@ -165,15 +165,15 @@ def compare_stages(model, theirs, images) -> str:
         features = theirs.backbone(batch.tensors)
         got_features = model.backbone(batch.tensors)
         feature_error = max(((got_features[k] - features[k]).abs().max() / features[k].abs().max()).item()
-                            for k in features)  # fmt: skip
+                            for k in features)
         proposals, _ = theirs.rpn(batch, features)
         expected, _ = theirs.roi_heads(features, proposals, batch.image_sizes)
         detections = model.roi_heads._forward_box(features, proposals, sizes)
         same_labels = all(torch.equal(d["labels"], e["labels"]) for d, e in zip(detections, expected))
         box_error = max((d["boxes"] - e["boxes"]).abs().max().item() if same_labels else float("inf")
-                        for d, e in zip(detections, expected))  # fmt: skip
+                        for d, e in zip(detections, expected))
         score_error = max((d["scores"] - e["scores"]).abs().max().item() if same_labels else float("inf")
-                          for d, e in zip(detections, expected))  # fmt: skip
+                          for d, e in zip(detections, expected))
         given = [{"boxes": e["boxes"], "labels": e["labels"]} for e in expected]
         model.roi_heads.run_on_boxes(features, sizes, given)
         mask_error = max((g["masks"] - e["masks"]).abs().max().item() for g, e in zip(given, expected) if "masks" in e)
@@ -201,7 +201,7 @@ def alternate_processes(args) -> None:
             for name, total in result.items():
                 totals[setting].setdefault(name, []).append(total)
             print(f"  process ({setting} allocator): " + ", ".join(f"{k} {v:.2f} s" for k, v in result.items()),
-                  flush=True)  # fmt: skip
+                  flush=True)
     default = {k: statistics.median(v) for k, v in totals["default"].items()}
     heap = {k: statistics.median(v) for k, v in totals["heap"].items()}
     print("allocator off mmap (median total over processes, default -> heap):")
@@ -230,7 +230,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--child", choices=("default", "heap"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                        if k not in ("processes", "child", "modes")] + [f"--modes={args.modes}"]  # fmt: skip
+                        if k not in ("processes", "child", "modes")] + [f"--modes={args.modes}"]
     args.modes = [m for m in args.modes.split(",") if m]
     return args
 
@@ -242,7 +242,7 @@ def main() -> None:
     print(f"{args.arch}_resnet50_fpn, {args.images} image(s) of {args.height}x{args.width} at {args.size} px, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
-          f"AMX bf16: {cpu_inference.has_fast_bf16()}")  # fmt: skip
+          f"AMX bf16: {cpu_inference.has_fast_bf16()}")
     theirs, models = build_all(args)
     images = make_images(args)
     medians, outputs = interleaved(theirs, models, images, args.repeats)

@@ -88,7 +88,7 @@ def child(mode: str, detections: int, path: Path, threads: int) -> dict:
                 count = len(predictions_to_coco(output, image_id=1, category_ids=torch.arange(91)))
         seconds = time.perf_counter() - started
     return {"mode": mode, "detections": count, "size": size, "rss_before_mb": round(before),
-            "peak_rss_mb": round(_peak_mb()), "seconds": round(seconds, 1)}  # fmt: skip
+            "peak_rss_mb": round(_peak_mb()), "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -110,11 +110,11 @@ def main() -> None:
     for mode in modes:
         for detections in args.detections:
             command = [sys.executable, __file__, "--child", str(image), "--mode", mode, "--detections", str(detections),
-                       "--threads", str(args.threads)]  # fmt: skip
+                       "--threads", str(args.threads)]
             row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(f"{row['mode']:<9} {row['detections']:>10}  {row['size'][0]} x {row['size'][1]:<5}  "
                   f"{row['rss_before_mb']:>7} MB  {row['peak_rss_mb']:>5} MB  {row['peak_rss_mb'] - row['rss_before_mb']:>10} MB"
-                  f"  {row['seconds']:>7}")  # fmt: skip
+                  f"  {row['seconds']:>7}")
 
 
 if __name__ == "__main__":

@@ -65,17 +65,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="shapes_demo", help="base recipe (a YAML path or a shipped recipe's name)")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                         help=f"training iterations per run; the recipe's schedule is scaled to them "
-                             f"(default {DEFAULT_ITERATIONS}, about 20-25 min per run on one core)")  # fmt: skip
+                             f"(default {DEFAULT_ITERATIONS}, about 20-25 min per run on one core)")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="training seeds (train.seed); every row runs once per seed (default: 0 1 2; "
-                             "put key.sub=value overrides before it)")  # fmt: skip
+                             "put key.sub=value overrides before it)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs and the results JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 lets two runs share a 2-core machine)")
     parser.add_argument("--only", nargs="*", default=None, help="train only these rows (names as in the table)")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again from their last.pth")
     parser.add_argument("--table-only", action="store_true", help="train nothing: print the table of the runs done")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="also write the table into this file's marked block (experiments/README.md)")  # fmt: skip
+                        help="also write the table into this file's marked block (experiments/README.md)")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides for every run")
 
 
@@ -133,7 +133,7 @@ def shapes_paths(config: Config) -> dict[str, Path]:
     return ensure_shapes(
         data.root, num_train=data.shapes_train_images, num_val=data.shapes_val_images,
         image_size=data.shapes_image_size, seed=data.shapes_seed,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- records
@@ -165,7 +165,7 @@ def read_record(path: Path, config: Config) -> dict | None:
     if differences:
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
         raise SystemExit(f"{path} was trained with another config ({shown}): use another --out, or delete that "
-                         f"run to train it again")  # fmt: skip
+                         f"run to train it again")
     return record["metrics"]
 
 
@@ -176,7 +176,7 @@ def check_unfinished(folder: Path, config: Config) -> None:
         differences = config_differences(yaml.safe_load(started.read_text()), config_to_dict(config))
         if differences:
             raise SystemExit(f"{folder} holds an unfinished run with another config ({'; '.join(differences[:5])}): "
-                             f"use another --out, or delete that folder to start it again")  # fmt: skip
+                             f"use another --out, or delete that folder to start it again")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -210,7 +210,7 @@ def run_all(args: argparse.Namespace, runs: list[Run], class_groups: dict[str, l
             metrics = train_and_evaluate(config, class_groups)
             if left := len(todo) - index - 1:
                 print(f"{left} run(s) left in this command, about {left * metrics['train_seconds'] / 60:.0f} min "
-                      f"at this run's pace", flush=True)  # fmt: skip
+                      f"at this run's pace", flush=True)
         write_json(path, {"run": run.name, "seed": seed, "config": config_to_dict(config), "metrics": metrics})
 
 
@@ -258,7 +258,7 @@ def budget_line(results: dict[str, dict[int, dict]], args: argparse.Namespace) -
     done = sum(len(by_seed) for by_seed in results.values())
     total = len(results) * len(args.seeds)
     return (f"{done} of {total} runs done (seeds {' '.join(map(str, args.seeds))}), {args.iterations} iterations "
-            f"each: recipe `{args.config}`, its schedule scaled to the iterations.")  # fmt: skip
+            f"each: recipe `{args.config}`, its schedule scaled to the iterations.")
 
 
 # --------------------------------------------------------------------------- one run
@@ -275,7 +275,7 @@ def train_and_evaluate(config: Config, class_groups: dict[str, list[int]] | None
     summary = train(config, resume=True, train_dataset=train_set, val_dataset=None)
     if summary.interrupted:
         raise SystemExit(f"{config.train.output_dir}: stopped by {summary.interrupted} at iteration "
-                         f"{summary.iteration}; not recorded, the same command continues it")  # fmt: skip
+                         f"{summary.iteration}; not recorded, the same command continues it")
     train_seconds = time.perf_counter() - started
     flat = evaluate_model(summary["model"], val_set, class_groups)
     flat["train_seconds"] = train_seconds
@@ -312,7 +312,7 @@ def mask_iou_on_gt_boxes(model: torch.nn.Module, dataset, class_groups: dict[str
             continue
         images = [image.to(device) for image, _ in items]
         detections = model.segment_boxes(images, [t["boxes"].to(device) for _, t in items],
-                                         [t["labels"].to(device) for _, t in items])  # fmt: skip
+                                         [t["labels"].to(device) for _, t in items])
         for (_, target), detection in zip(items, detections):
             predicted = (detection["masks"][:, 0] >= 0.5).to(torch.uint8).cpu().numpy()  # [N, H, W]
             masks = target["masks"]

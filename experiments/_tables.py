@@ -67,7 +67,7 @@ def results_table(
 
 def block_markers(name: str) -> tuple[str, str]:
     return (f"<!-- {name} table: begin (written by experiments/{name}.py --readme; do not edit by hand) -->",
-            f"<!-- {name} table: end -->")  # fmt: skip
+            f"<!-- {name} table: end -->")
 
 
 def rewrite_block(path: Path, name: str, text: str) -> None:

@@ -76,7 +76,7 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
     answer = "yes" if gap > spread else "no"
     return (f"Target: novel-class mask AP of {best} (the stronger GT-box head) minus proposals + fcn = "
             f"{100 * gap:.1f} points; the larger sd of the two rows = {100 * spread:.1f}: gap larger than the spread: "
-            f"**{answer}**.")  # fmt: skip
+            f"**{answer}**.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,16 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     results = _common.collect_results(args, runs)
     reference = _common.filled_box_reference(args, groups)
     filled = ["filled GT box (reference)", "-", f"{100 * reference['gt_boxes/novel/mIoU']:.1f}",
-              f"{100 * reference['gt_boxes/with_masks/mIoU']:.1f}"] + ["-"] * (len(COLUMNS) - 2)  # fmt: skip
+              f"{100 * reference['gt_boxes/with_masks/mIoU']:.1f}"] + ["-"] * (len(COLUMNS) - 2)
     text = "\n\n".join([
         f"Partial supervision on shapes: masks for {_common.class_names(mask_classes)}; "
         f"novel: {_common.class_names(novel)}. "
         + _common.budget_line(results, args),
         results_table(results, COLUMNS, seeds=args.seeds, extra_rows=[filled]),
         verdict(results),
-    ])  # fmt: skip
+    ])
     _common.write_outputs(args, _common.summary_json(args, results, reference, experiment=EXPERIMENT), text,
-                          experiment=EXPERIMENT)  # fmt: skip
+                          experiment=EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-
 import _common
+import torch
 from _common import Run
 
 from maskrcnn.data.coco import CocoDataset
@@ -47,7 +46,7 @@ def batch(masks: CocoDataset, points: CocoDataset, indices: list[int]) -> tuple[
         image, with_masks = masks[index]
         _, with_points = points[index]
         targets.append({**with_masks, "point_coords": with_points["point_coords"],
-                        "point_labels": with_points["point_labels"]})  # fmt: skip
+                        "point_labels": with_points["point_labels"]})
         images.append(image)
     return images, targets
 
@@ -61,7 +60,7 @@ def losses_on(model, images: list, targets: list, *, seed: int) -> dict[str, tor
     torch.manual_seed(seed)
     proposals, losses = model.rpn(batch_, features, targets)
     for name, points, average in (("mask", False, "valid_points"), ("points", True, "valid_points"),
-                                  ("points_all", True, "all_points")):  # fmt: skip
+                                  ("points_all", True, "all_points")):
         heads.point_supervision, heads.point_loss_average = points, average
         torch.manual_seed(seed)
         _, head_losses = heads(features, proposals, batch_.image_sizes, targets)
@@ -103,7 +102,7 @@ def measure(model, masks: CocoDataset, points: CocoDataset, *, batches: int, bat
         row = {name: float(losses[f"loss_{name}"].detach()) for name in ("mask", "points", "points_all")}
         row.update({f"grad/{name}": float(g.norm()) for name, g in grads.items()})
         for first, second in (("points", "mask"), ("points_all", "mask"), ("mask", "detector"), ("points", "detector"),
-                              ("points_all", "detector")):  # fmt: skip
+                              ("points_all", "detector")):
             cosine = torch.nn.functional.cosine_similarity(grads[first], grads[second], dim=0)
             row[f"cos({first}, {second})"] = float(cosine)
         row["points inside RoI"] = float(losses["points_inside"])
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides")
     parser.add_argument("--warm-iterations", type=int, nargs="+", default=[0, 60],
-                        help="measure after this many full-mask iterations (each from scratch)")  # fmt: skip
+                        help="measure after this many full-mask iterations (each from scratch)")
     parser.add_argument("--batches", type=int, default=6)
     args = _common.parse_arguments(parser, argv, script="point_loss_scale")
     from maskrcnn.engine.trainer import build_model_from_config, seed_everything, train

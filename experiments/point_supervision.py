@@ -92,7 +92,7 @@ def verdict(results: dict[str, dict[int, dict]], runs: list[Run]) -> str:
             mean, _ = mean_and_sd(ratios)
             answer = "yes" if mean >= 0.94 else "no"
             lines.append(f"{run.name}: {100 * mean:.0f} % of the full-mask mask AP (mean over {len(ratios)} seed(s)); "
-                         f">= 94 %: **{answer}**.")  # fmt: skip
+                         f">= 94 %: **{answer}**.")
     return "Target (>= 94 % of the full-mask mask AP): " + (" ".join(lines) or "no paired runs yet.")
 
 
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(the ratios pair runs of the same seed). " + _common.budget_line(results, args),
         results_table(results, COLUMNS, seeds=args.seeds, extra_rows=[filled]),
         verdict(results, runs),
-    ])  # fmt: skip
+    ])
     _common.write_outputs(args, _common.summary_json(args, results, reference, experiment=EXPERIMENT), text,
-                          experiment=EXPERIMENT)  # fmt: skip
+                          experiment=EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ import argparse
 import io
 import json
 
-from test_coco import _coco_file
-
 from maskrcnn.data import checker, shapes
+from test_coco import _coco_file
 
 
 def _run(*argv: str) -> tuple[int, str, str]:

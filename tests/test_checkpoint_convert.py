@@ -3,6 +3,7 @@ checkpoint carries COCO's 80 names (or the given file's categories), the recipe 
 rebuilds the model, and both a converted and a raw detectron2 checkpoint fine-tune onto 3 classes."""
 
 import json
+
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ KEYPOINT_RCNN = DETECTRON2 / "keypoint_rcnn_R_50_FPN"
 def test_detectron2_zoo_model_converts_with_coco_names(tmp_path, capsys):
     destination = tmp_path / "mask_rcnn.pth"
     assert main(["convert", str(MASK_RCNN / "model_final.pkl"), str(destination),
-                 "--config", str(MASK_RCNN / "config.yaml")]) == 0  # fmt: skip
+                 "--config", str(MASK_RCNN / "config.yaml")]) == 0
     assert "80 COCO categories" in capsys.readouterr().out
     checkpoint = read_checkpoint(destination)
     assert checkpoint["labels"] == labels_from_categories(coco_categories())
@@ -47,19 +48,19 @@ def test_keypoint_model_is_person_and_annotations_name_the_labels(tmp_path):
     assert main(["convert", str(weights), str(tmp_path / "a.pth"), "--config", str(config)]) == 0
     assert read_checkpoint(tmp_path / "a.pth")["labels"] == [{"label": 1, "id": 1, "name": "person"}]
     (tmp_path / "train.json").write_text(json.dumps({"images": [], "annotations": [],
-                                                     "categories": [{"id": 7, "name": "climber"}]}))  # fmt: skip
+                                                     "categories": [{"id": 7, "name": "climber"}]}))
     assert main(["convert", str(weights), str(tmp_path / "b.pth"), "--config", str(config),
-                 "--annotations", str(tmp_path / "train.json")]) == 0  # fmt: skip
+                 "--annotations", str(tmp_path / "train.json")]) == 0
     assert read_checkpoint(tmp_path / "b.pth")["labels"] == [{"label": 1, "id": 7, "name": "climber"}]
 
 
 def test_missing_or_unsupported_detectron2_files_are_one_line_errors(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nowhere.pkl"), str(tmp_path / "x.pth"),
-                 "--config", str(MASK_RCNN / "config.yaml")]) == 2  # fmt: skip
+                 "--config", str(MASK_RCNN / "config.yaml")]) == 2
     assert "nowhere.pkl do not exist" in capsys.readouterr().err
     (tmp_path / "c4.yaml").write_text("MODEL:\n  BACKBONE:\n    NAME: build_resnet_backbone\n")
     assert main(["convert", str(MASK_RCNN / "model_final.pkl"), str(tmp_path / "x.pth"),
-                 "--config", str(tmp_path / "c4.yaml")]) == 2  # fmt: skip
+                 "--config", str(tmp_path / "c4.yaml")]) == 2
     assert "MODEL.BACKBONE.NAME" in capsys.readouterr().err
 
 
@@ -69,13 +70,13 @@ def test_detectron2_model_fine_tunes_onto_three_classes(how, tmp_path, capsys):
 
     converted = tmp_path / "d2.pth"
     assert main(["convert", str(MASK_RCNN / "model_final.pkl"), str(converted),
-                 "--config", str(MASK_RCNN / "config.yaml")]) == 0  # fmt: skip
+                 "--config", str(MASK_RCNN / "config.yaml")]) == 0
     source = [f"train.init_weights={converted}"] if how == "converted" else [
         f"train.init_weights={MASK_RCNN / 'model_final.pkl'}", f"train.init_weights_config={MASK_RCNN / 'config.yaml'}"]
     small = ["model.transform.min_size=[64]", "model.transform.min_size_test=64", "model.transform.max_size=64"]
     capsys.readouterr()
     assert main(["train", str(recipe_path(converted)), *three_classes_overrides(tmp_path), *NO_UPDATES, *small,
-                 *source, f"train.output_dir={tmp_path / 'run'}"]) == 0  # fmt: skip
+                 *source, f"train.output_dir={tmp_path / 'run'}"]) == 0
     printed = capsys.readouterr().out
     kind = "a maskrcnn checkpoint" if how == "converted" else "detectron2 weights"
     assert f"({kind}): loaded all weights but 6" in printed

@@ -20,10 +20,10 @@ torch.set_num_threads(1)
 BOX_AND_MASK_PREDICTORS = {
     f"roi_heads.{name}.{kind}" for name in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_head.predictor")
     for kind in ("weight", "bias")
-}  # fmt: skip
+}
 # training with lr 0 leaves the weights as loaded, so that last.pth shows what init_weights loaded
 NO_UPDATES = ["train.lr=0.0", "train.iterations=1", "train.batch_size=2", "train.warmup_iterations=1",
-              "train.log_every=1", "train.tensorboard=false", "train.device=cpu", "data.num_workers=0"]  # fmt: skip
+              "train.log_every=1", "train.tensorboard=false", "train.device=cpu", "data.num_workers=0"]
 
 
 def three_classes_overrides(root) -> list[str]:
@@ -62,11 +62,11 @@ def test_torchvision_coco_checkpoint_fine_tunes_onto_three_classes(tmp_path, thr
     recipe = {"model": {"backbone": {"depth": 18}, "transform": {"min_size": [64], "min_size_test": 64, "max_size": 64},
                         "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 100,
                                 "post_nms_top_n_test": 50, "batch_size_per_image": 32},
-                        "box_head": {"batch_size_per_image": 16, "detections_per_img": 10}}}  # fmt: skip
+                        "box_head": {"batch_size_per_image": 16, "detections_per_img": 10}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
     assert main(["train", str(tmp_path / "recipe.yaml"), *three_classes, *NO_UPDATES, f"train.output_dir={out}",
-                 f"train.init_weights={tmp_path / 'coco.pth'}"]) == 0  # fmt: skip
+                 f"train.init_weights={tmp_path / 'coco.pth'}"]) == 0
     printed = capsys.readouterr().out
     assert "(torchvision weights): loaded all weights but 6" in printed
     for name in BOX_AND_MASK_PREDICTORS:
@@ -81,12 +81,12 @@ def test_shapes_checkpoint_fine_tunes_onto_three_classes(tmp_path, three_classes
 
     source_run, out = tmp_path / "shapes_run", tmp_path / "run"
     assert main(["train", "shapes_demo", *TINY, f"data.root={tmp_path / 'shapes'}",
-                 f"train.output_dir={source_run}"]) == 0  # fmt: skip
+                 f"train.output_dir={source_run}"]) == 0
     source = read_checkpoint(source_run / "last.pth")
     assert source["model_config"]["num_classes"] == 6 and source["model_config"]["keypoint_head"]["num_keypoints"] == 4
     capsys.readouterr()
     assert main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES, f"train.output_dir={out}",
-                 f"train.init_weights={source_run / 'last.pth'}"]) == 0  # fmt: skip
+                 f"train.init_weights={source_run / 'last.pth'}"]) == 0
     printed = capsys.readouterr().out
     assert "(a maskrcnn checkpoint): loaded all weights but 6" in printed
     assert sorted(line.split()[2] for line in printed.splitlines() if "re-initialised" in line) == sorted(
@@ -97,12 +97,12 @@ def test_shapes_checkpoint_fine_tunes_onto_three_classes(tmp_path, three_classes
 
     # another depth, or a file that is not weights at all, is an error naming what does not fit
     code = main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES, "model.backbone.depth=34",
-                 f"train.output_dir={tmp_path / 'deeper'}", f"train.init_weights={source_run / 'last.pth'}"])  # fmt: skip
+                 f"train.output_dir={tmp_path / 'deeper'}", f"train.init_weights={source_run / 'last.pth'}"])
     error = capsys.readouterr().err
     assert code == 2 and "does not fit the configured model" in error and "missing (e.g. ['backbone.body.layer1.2" in error
     (tmp_path / "notes.pth").write_text("not weights")
     code = main(["train", "shapes_demo", *TINY, *three_classes, *NO_UPDATES,
-                 f"train.output_dir={tmp_path / 'typo'}", f"train.init_weights={tmp_path / 'notes.pth'}"])  # fmt: skip
+                 f"train.output_dir={tmp_path / 'typo'}", f"train.init_weights={tmp_path / 'notes.pth'}"])
     assert code == 2 and "notes.pth cannot be read" in capsys.readouterr().err
 
 
@@ -119,10 +119,9 @@ def test_batchnorm_weights_load_into_frozen_batchnorm():
     (model.backbone.norm=frozen_bn), which has no step counters to load."""
     import dataclasses
 
-    from test_trainer import tiny_model_config
-
     from maskrcnn.checkpoint.fine_tune import load_fine_tuning_state
     from maskrcnn.model.mask_rcnn import build_model
+    from test_trainer import tiny_model_config
 
     config = tiny_model_config()
     with_bn = build_model(dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, norm="bn")))

@@ -48,7 +48,7 @@ def coco_torchvision_model(seed=0):
     class; the classifier is made blind to it (rows orthogonal to the mean feature) and sharp."""
     torch.manual_seed(seed)
     model = TvMaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
-                       num_classes=91, min_size=128, max_size=128).eval()  # fmt: skip
+                       num_classes=91, min_size=128, max_size=128).eval()
     features = []
     hook = model.roi_heads.box_head.register_forward_hook(lambda module, args, output: features.append(output))
     with torch.no_grad():
@@ -102,7 +102,7 @@ def _ground_truth_from(model, image_paths, score_threshold):
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": int(ids[label]), "iscrowd": 0,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask_util.area(rle)),
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-            })  # fmt: skip
+            })
     return {"images": images, "annotations": annotations, "categories": coco_categories()}
 
 
@@ -127,14 +127,14 @@ def test_converted_coco_model_evaluates_and_predicts_in_coco_ids(tmp_path, capsy
 
     out = tmp_path / "evaluation"
     assert main(["evaluate", "--weights", str(tmp_path / "ours.pth"), "--data", str(tmp_path / "val.json"),
-                 "--images", str(tmp_path / "images"), "--out", str(out)]) == 0  # fmt: skip
+                 "--images", str(tmp_path / "images"), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
     results = json.loads((out / "results.json").read_text())
     assert sorted(r["category_id"] for r in results) == sorted(a["category_id"] for a in truth["annotations"])
 
     assert main(["predict", "--weights", str(tmp_path / "ours.pth"), str(tmp_path / "images"),
-                 "--out", str(tmp_path / "pred"), "--score-threshold", "0.5"]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "pred"), "--score-threshold", "0.5"]) == 0
     predicted = json.loads((tmp_path / "pred" / "results.json").read_text())
     assert sorted(r["category_id"] for r in predicted) == sorted(a["category_id"] for a in truth["annotations"])
 
@@ -143,5 +143,5 @@ def test_converted_coco_model_evaluates_and_predicts_in_coco_ids(tmp_path, capsy
     (tmp_path / "renamed.json").write_text(json.dumps(truth))
     capsys.readouterr()
     assert main(["evaluate", "--weights", str(tmp_path / "ours.pth"), "--data", str(tmp_path / "renamed.json"),
-                 "--images", str(tmp_path / "images"), "--out", str(out)]) == 2  # fmt: skip
+                 "--images", str(tmp_path / "images"), "--out", str(out)]) == 2
     assert f"category id {used_ids[-1]} is 'unicorn' in the file" in capsys.readouterr().err

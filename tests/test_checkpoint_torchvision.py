@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from torchvision.models.detection import KeypointRCNN, MaskRCNN as TvMaskRCNN
+from torchvision.models.detection import KeypointRCNN
+from torchvision.models.detection import MaskRCNN as TvMaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d

@@ -3,7 +3,6 @@ predict chain end to end on a tiny model and tiny shapes set, and the other part
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -23,11 +22,7 @@ TINY = [
     "model.transform.max_size=64", "data.shapes_train_images=6", "data.shapes_val_images=3",
     "data.shapes_image_size=64", "data.num_workers=0", "train.iterations=2", "train.batch_size=2",
     "train.warmup_iterations=1", "train.log_every=1",
-]  # fmt: skip
-needs_model = pytest.mark.skipif(
-    importlib.util.find_spec("maskrcnn.model.mask_head") is None or importlib.util.find_spec("maskrcnn.data.loader") is None,
-    reason="the model (mask_head) or the data loader has not landed yet",
-)
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -68,7 +63,7 @@ def test_points_subcommand_is_wired(tmp_path):
     coco = {"images": [{"id": 1, "width": 20, "height": 20, "file_name": "a.png"}],
             "categories": [{"id": 1, "name": "thing"}],
             "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 10, 10],
-                             "area": 100, "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}]}  # fmt: skip
+                             "area": 100, "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}]}
     source, out = tmp_path / "in.json", tmp_path / "points.json"
     source.write_text(json.dumps(coco))
     assert main(["points", str(source), "--num-points", "5", "--out", str(out)]) == 0
@@ -78,23 +73,19 @@ def test_points_subcommand_is_wired(tmp_path):
 
 def test_check_data_subcommand_is_wired_or_says_it_is_missing(tmp_path, capsys):
     coco = {"images": [{"id": 1, "width": 8, "height": 8, "file_name": "a.png"}], "categories": [{"id": 1, "name": "x"}],
-            "annotations": [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 0], "iscrowd": 0}]}  # fmt: skip
+            "annotations": [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 0], "iscrowd": 0}]}
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
     (tmp_path / "a.json").write_text(json.dumps(coco))
     code = main(["check-data", str(tmp_path / "a.json"), "--images", str(tmp_path / "img")])
-    if importlib.util.find_spec("maskrcnn.data.checker") is None:
-        assert code == 2 and "not available" in capsys.readouterr().err
-    else:
-        assert code == 1  # the zero-area box of annotation 3 is an error
-        assert "3" in capsys.readouterr().out
+    assert code == 1  # the zero-area box of annotation 3 is an error
+    assert "3" in capsys.readouterr().out
 
 
-@needs_model
 def test_train_saves_the_overridden_config(tmp_path):
     out = tmp_path / "run"
     code = main(["train", "shapes_demo", *TINY, f"data.root={tmp_path / 'shapes'}",
-                 f"train.output_dir={out}", "train.lr=0.011", "model.mask_head.num_convs=1"])  # fmt: skip
+                 f"train.output_dir={out}", "train.lr=0.011", "model.mask_head.num_convs=1"])
     assert code == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["lr"] == 0.011 and saved["model"]["mask_head"]["num_convs"] == 1
@@ -107,7 +98,6 @@ def test_train_saves_the_overridden_config(tmp_path):
     assert trained_categories(checkpoint, annotations=None) == train_json["categories"]
 
 
-@needs_model
 def test_demo_then_evaluate_then_predict(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--pictures", "2", *TINY, f"data.root={tmp_path / 'shapes'}"]) == 0
@@ -117,7 +107,7 @@ def test_demo_then_evaluate_then_predict(tmp_path, capsys):
     assert (out / "training_curves.png").is_file() and (out / "metrics.json").is_file()
 
     assert main(["evaluate", "--weights", str(out / "last.pth"), "--out", str(tmp_path / "eval"),
-                 "--num-workers", "0"]) == 0  # fmt: skip
+                 "--num-workers", "0"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"bbox", "segm", "keypoints"}
     assert isinstance(json.loads((tmp_path / "eval" / "results.json").read_text()), list)
@@ -125,7 +115,7 @@ def test_demo_then_evaluate_then_predict(tmp_path, capsys):
     images = tmp_path / "shapes" / "val"
     (images / "broken.png").write_bytes(b"not a png")
     code = main(["predict", "--weights", str(out / "last.pth"), str(images), str(tmp_path / "missing.png"),
-                 "--out", str(tmp_path / "pred"), "--score-threshold", "0.0"])  # fmt: skip
+                 "--out", str(tmp_path / "pred"), "--score-threshold", "0.0"])
     err = capsys.readouterr().err
     assert code == 1 and "broken.png" in err and "missing.png" in err
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
@@ -141,7 +131,7 @@ def test_convert_gives_a_checkpoint_that_detects_like_torchvision(tmp_path, caps
 
     torch.manual_seed(0)
     reference = MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
-                         num_classes=4, min_size=96, max_size=96).eval()  # fmt: skip
+                         num_classes=4, min_size=96, max_size=96).eval()
     with torch.no_grad():
         reference.roi_heads.box_predictor.cls_score.weight *= 30  # random weights: make some detections confident
     torch.save(reference.state_dict(), tmp_path / "tv.pth")

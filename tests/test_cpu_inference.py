@@ -14,9 +14,9 @@ import torch
 import torchvision
 from torchvision.ops import box_iou
 
+from maskrcnn.checkpoint.torchvision import from_torchvision
 from maskrcnn.engine.cpu_inference import has_fast_bf16, optimize_for_cpu, read_cpu_flags
 from maskrcnn.model.onednn import FusedConv2d, PrepackedConv2d
-from maskrcnn.checkpoint.torchvision import from_torchvision
 
 SETTINGS = dict(min_size=96, max_size=160, box_score_thresh=0.0, box_detections_per_img=20,
                 rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=200)

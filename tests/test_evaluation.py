@@ -17,7 +17,6 @@ from pycocotools.cocoeval import COCOeval
 from maskrcnn.engine.evaluation import (
     DETECTION_STAT_NAMES,
     KEYPOINT_STAT_NAMES,
-    coco_evaluate,
     evaluate,
     flatten_metrics,
     format_table,
@@ -48,7 +47,7 @@ def make_gt() -> dict:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": int(rng.choice(CATEGORY_IDS)), "segmentation": _square(x, y, s),
                                 "bbox": [x, y, s, s], "area": float(s * s), "iscrowd": 0, "keypoints": kps,
-                                "num_keypoints": 4})  # fmt: skip
+                                "num_keypoints": 4})
     return {"images": images, "annotations": annotations, "categories": cats}
 
 
@@ -96,7 +95,7 @@ class ReplayModel(torch.nn.Module):
         xywh = torch.tensor([d["bbox"] for d in dets], dtype=torch.float32).reshape(-1, 4)
         out = {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
                "labels": torch.tensor([label_of[d["category_id"]] for d in dets], dtype=torch.int64),
-               "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float32)}  # fmt: skip
+               "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float32)}
         if "masks" in self.heads:
             masks = [mask_util.decode(d["segmentation"]) for d in dets]
             out["masks"] = torch.as_tensor(np.stack(masks) if masks else np.zeros((0, *size)), dtype=torch.float32)[:, None]
@@ -115,7 +114,7 @@ def gt_as_detections(data: dict) -> list[dict]:
         rle = mask_util.encode(np.asfortranarray(coco.annToMask(a)))
         rle["counts"] = rle["counts"].decode("ascii")
         dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9,
-                     "segmentation": rle, "keypoints": a["keypoints"]})  # fmt: skip
+                     "segmentation": rle, "keypoints": a["keypoints"]})
     return dets
 
 
@@ -137,7 +136,7 @@ def hand_made_detections(data: dict) -> list[dict]:
             category = a["category_id"] if shift < 5 else int(rng.choice(CATEGORY_IDS))
             dets.append({"image_id": a["image_id"], "category_id": category, "bbox": [nx, ny, nw, nh],
                          "score": round(float(rng.uniform(0.05, 1.0)), 2), "segmentation": rle,
-                         "keypoints": [round(float(v), 2) for v in kps.ravel()]})  # fmt: skip
+                         "keypoints": [round(float(v), 2) for v in kps.ravel()]})
     return dets
 
 
@@ -175,7 +174,7 @@ def test_hand_made_detections_match_pycocotools(tmp_path):
     results_path = tmp_path / "results.json"
     metrics = evaluate(ReplayModel(dets), TinyDataset(data), device="cpu", results_path=results_path)
     for iou_type, names in (("bbox", DETECTION_STAT_NAMES), ("segm", DETECTION_STAT_NAMES),
-                            ("keypoints", KEYPOINT_STAT_NAMES)):  # fmt: skip
+                            ("keypoints", KEYPOINT_STAT_NAMES)):
         expected = pycocotools_stats(data, dets, iou_type)
         ours = [metrics[iou_type][n] for n in names]
         np.testing.assert_allclose(ours, expected, atol=1e-12, err_msg=iou_type)
@@ -237,7 +236,7 @@ def test_gather_hook_merges_ranks_and_non_main_ranks_return_nothing():
 def test_keypoints_are_written_in_coco_pixel_indices_and_boxes_as_xywh():
     prediction = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "labels": torch.tensor([2]),
                   "scores": torch.tensor([0.5]), "masks": torch.zeros(1, 1, 64, 64),
-                  "keypoints": torch.tensor([[[10.5, 20.5, 1.0], [29.5, 59.5, 1.0]]])}  # fmt: skip
+                  "keypoints": torch.tensor([[[10.5, 20.5, 1.0], [29.5, 59.5, 1.0]]])}
     prediction["masks"][0, 0, 20:60, 10:30] = 0.8
     (result,) = predictions_to_coco(prediction, image_id=4, category_ids=torch.tensor([0, 3, 7]))
     assert result["bbox"] == [10.0, 20.0, 20.0, 40.0] and result["category_id"] == 7

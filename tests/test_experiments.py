@@ -26,7 +26,7 @@ TINY = [
     "data.shapes_train_images=4", "data.shapes_val_images=2", "data.shapes_image_size=64",
     "model.transform.min_size=[64]", "model.transform.min_size_test=64", "model.transform.max_size=64",
     "train.batch_size=2",
-]  # fmt: skip
+]
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def keep_threads():
 def _argv(tmp_path: Path, *extra: str, iterations: int = 2, seeds: tuple[int, ...] = (0,)) -> list[str]:
     return [f"data.root={tmp_path / 'shapes'}", *TINY, "--config", "shapes_demo",
             "--out", str(tmp_path / "out"), "--iterations", str(iterations), *extra,
-            "--seeds", *map(str, seeds)]  # fmt: skip
+            "--seeds", *map(str, seeds)]
 
 
 def _readme(tmp_path: Path, experiment: str) -> Path:
@@ -106,7 +106,7 @@ def test_cells_give_mean_sample_sd_and_seeds():
     assert _tables.cell([None, -1.0]) == "-"  # missing, or COCOeval's -1 for "no such objects"
     assert _tables.cell([12.0, 14.0], percent=False) == "13.0 ± 1.4 (12.0 / 14.0)"
     table = _tables.results_table({"a": {0: {"k": 0.5}, 1: {"k": 0.7}}, "b": {}}, [_tables.Column("K", "k")],
-                                  seeds=[0, 1])  # fmt: skip
+                                  seeds=[0, 1])
     assert table.splitlines()[2:] == ["| a | 0 1 | 60.0 ± 14.1 (50.0 / 70.0) |", "| b | not run yet | - |"]
 
 
@@ -126,7 +126,7 @@ def test_schedule_scaled_to_the_iterations():
     step = load_config(None, ["train.schedule=step", "train.iterations=600", "train.steps=[400,500]"])
     assert _common.scaled_schedule(step, 1500) == ["train.iterations=1500", "train.steps=[1000, 1250]"]
     scaled = load_config(None, ["train.schedule=step", "train.iterations=600", "train.steps=[400,500]",
-                                *_common.scaled_schedule(step, 1500)])  # fmt: skip
+                                *_common.scaled_schedule(step, 1500)])
     assert (scaled.train.iterations, scaled.train.steps, scaled.train.warmup_iterations) == (1500, [1000, 1250], 1000)
 
 

@@ -11,11 +11,11 @@ import onnxruntime
 import pytest
 import torch
 
+from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.export import export_model
 from maskrcnn.model.mask_rcnn import build_model
 from tiny_models import tiny_config, tiny_model
-from maskrcnn.checkpoint import save_checkpoint
 
 KINDS = ("box", "mask", "keypoint")
 # Tolerances for onnxruntime (its resize and convolutions round differently); TorchScript runs

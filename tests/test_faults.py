@@ -29,7 +29,7 @@ TINY = [
     "model.transform.max_size=32", "model.rpn.pre_nms_top_n_train=50", "model.rpn.post_nms_top_n_train=20",
     "model.rpn.pre_nms_top_n_test=50", "model.rpn.post_nms_top_n_test=20", "data.num_workers=0",
     "data.horizontal_flip=0", "train.batch_size=1", "train.warmup_iterations=1", "train.log_every=1",
-]  # fmt: skip
+]
 
 
 def _square(image_id: int, ann_id: int, x: float, y: float, side: float, **extra) -> dict:
@@ -294,9 +294,8 @@ class PoisonWeights(torch.nn.Module):
 
 @pytest.mark.parametrize("when", ["periodic", "signal", "final"])
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, when):
-    from test_trainer import Rectangles, tiny_config, tiny_model
-
     from maskrcnn.engine import trainer
+    from test_trainer import Rectangles, tiny_config, tiny_model
 
     data = Rectangles(4)
     trainer.train(tiny_config(tmp_path, iterations=1), model=PoisonWeights(tiny_model(), poison_at=0), train_dataset=data)
@@ -325,9 +324,8 @@ def test_the_optimizer_state_is_checked_too():
 
 
 def test_the_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path):
-    from test_trainer import Rectangles, tiny_config, tiny_model
-
     from maskrcnn.engine import trainer
+    from test_trainer import Rectangles, tiny_config, tiny_model
 
     class BrokenValidation(Rectangles):
         def __getitem__(self, key):

@@ -9,8 +9,7 @@ import torch
 
 from maskrcnn.data import shapes
 from maskrcnn.data.coco import CocoDataset
-from maskrcnn.data.loader import (GroupedBatchSampler, build_eval_loader, build_train_loader, collate,
-                                  shard_indices)
+from maskrcnn.data.loader import GroupedBatchSampler, build_train_loader, collate
 from maskrcnn.data.transforms import flip_horizontal
 
 SIZES = [(30, 40), (40, 30)] * 10 + [(50, 50)] * 3  # 13 landscape/square, 10 portrait
@@ -64,12 +63,6 @@ def test_shards_are_disjoint_and_equal():
         _sampler(rank=3, world_size=3)
 
 
-def test_eval_shards_cover_everything_once():
-    shards = [shard_indices(10, rank=r, world_size=3) for r in range(3)]
-    assert sorted(sum(shards, [])) == list(range(10)) and [len(s) for s in shards] == [3, 3, 4]
-    assert [shard_indices(2, rank=r, world_size=3) for r in range(3)] == [[], [0], [1]]  # fewer images than ranks
-
-
 def test_collate_keeps_lists():
     images, targets = collate([(torch.zeros(3, 4, 5), {"a": 1}), (torch.zeros(3, 6, 5), {"a": 2})])
     assert [i.shape[1] for i in images] == [4, 6] and [t["a"] for t in targets] == [1, 2]
@@ -115,10 +108,3 @@ def test_dataset_flip_matches_flip_horizontal(tiny_shapes):
     # the flipped "left" keypoint is the leftmost visible point: its x is the box's left edge + 0.5
     visible_left = got["keypoints"][:, 2, 2] == 2
     torch.testing.assert_close(got["keypoints"][visible_left, 2, 0], got["boxes"][visible_left, 0] + 0.5)
-
-
-def test_eval_loader_in_order(tiny_shapes):
-    dataset = CocoDataset(tiny_shapes["val_annotations"], tiny_shapes["val_images"])
-    ids = [t["image_id"] for rank in range(2)
-           for _, targets in build_eval_loader(dataset, batch_size=2, rank=rank, world_size=2) for t in targets]
-    assert ids == dataset.image_ids

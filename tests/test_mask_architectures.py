@@ -45,7 +45,7 @@ def _block_input_sizes(head: nn.Module, features: torch.Tensor) -> list[int]:
     """The spatial sizes that the residual blocks of `head` receive, in call order."""
     sizes: list[int] = []
     hooks = [m.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[-1]))
-             for m in head.modules() if isinstance(m, ResidualBlock)]  # fmt: skip
+             for m in head.modules() if isinstance(m, ResidualBlock)]
     head(features)
     for hook in hooks:
         hook.remove()
@@ -198,7 +198,7 @@ def test_config_block_reaches_the_model(architecture, block):
     config = from_dict(ModelConfig, {
         "num_classes": 2, "backbone": {"depth": 18, "norm": "gn", "fpn_channels": 16},
         "mask_head": {"architecture": architecture, "block": block, "num_convs": 1, "conv_dim": 16},
-    })  # fmt: skip
+    })
     blocks = [m for m in build_model(config).modules() if isinstance(m, ResidualBlock)]
     assert blocks
     # A basic block's branch has two 3x3 convs; a bottleneck's has 1x1, 3x3, 1x1.

@@ -88,7 +88,7 @@ def test_mask_targets_and_loss_equal_torchvision():
     roi_labels = torch.cat([labels[matched] for _, _, matched, labels in images])
     ours = mask_loss(logits, torch.cat(targets), roi_labels)
     theirs = maskrcnn_loss(
-        logits, [b for _, b, _, _ in images], [m for m, _, _, _ in images], [l for *_, l in images],
+        logits, [b for _, b, _, _ in images], [m for m, _, _, _ in images], [label for *_, label in images],
         [i for _, _, i, _ in images],
     )
     torch.testing.assert_close(ours, theirs)

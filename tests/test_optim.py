@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from maskrcnn.config import TrainConfig
-from maskrcnn.engine.optim import WarmupSchedule, apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
+from maskrcnn.engine.optim import (
+    WarmupSchedule,
+    apply_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+)
 
 
 def _tiny_model() -> nn.Module:

@@ -22,7 +22,7 @@ TINY = ["model.backbone.fpn_channels=16", "model.box_head.fc_dim=32", "model.mas
         "model.keypoint_head.conv_dim=8", "model.transform.min_size=[64]", "model.transform.min_size_test=64",
         "model.transform.max_size=64", "data.shapes_train_images=4", "data.shapes_val_images=2",
         "data.shapes_image_size=64", "data.num_workers=0", "train.batch_size=2", "train.warmup_iterations=1",
-        "train.log_every=1", "train.cpu_threads=1"]  # fmt: skip
+        "train.log_every=1", "train.cpu_threads=1"]
 
 
 def _run(command: list, *, cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def installed(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", work / "dist", source], cwd=work, env=env)  # fmt: skip
+          "-w", work / "dist", source], cwd=work, env=env)
     (wheel,) = (work / "dist").glob("maskrcnn-*.whl")
 
     venv = work / "venv"
@@ -49,14 +49,14 @@ def installed(tmp_path_factory):
     (venv_site,) = venv.glob("lib/python*/site-packages")
     (venv_site / "shared_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
-          "-q", wheel], cwd=work, env=env)  # fmt: skip
+          "-q", wheel], cwd=work, env=env)
     return venv / "bin", env, venv_site
 
 
 def test_the_installed_package_is_the_wheel_and_has_its_recipes(installed, tmp_path):
     bin_dir, env, venv_site = installed
     where = _run([bin_dir / "python", "-c", "import maskrcnn.config as c; print(c.__file__); print(c.recipe_names())"],
-                 cwd=tmp_path, env=env).stdout.splitlines()  # fmt: skip
+                 cwd=tmp_path, env=env).stdout.splitlines()
     assert Path(where[0]).is_relative_to(venv_site)  # not this checkout, not an editable install
     assert "shapes_demo" in where[1] and "coco_mask_rcnn_R50_FPN_1x" in where[1]
 
@@ -64,8 +64,8 @@ def test_the_installed_package_is_the_wheel_and_has_its_recipes(installed, tmp_p
 def test_train_a_recipe_by_name_and_the_demo_from_an_unrelated_folder(installed, tmp_path):
     bin_dir, env, _ = installed
     _run([bin_dir / "maskrcnn", "train", "shapes_demo", "train.iterations=2", *TINY, "train.output_dir=run"],
-         cwd=tmp_path, env=env)  # fmt: skip
+         cwd=tmp_path, env=env)
     assert (tmp_path / "run" / "last.pth").is_file() and (tmp_path / "data" / "shapes" / "train.json").is_file()
     printed = _run([bin_dir / "maskrcnn", "demo", "--out", "demo", "--pictures", "1", "train.iterations=2", *TINY],
-                   cwd=tmp_path, env=env).stdout  # fmt: skip
+                   cwd=tmp_path, env=env).stdout
     assert "bbox" in printed and (tmp_path / "demo" / "last.pth").is_file()

@@ -14,7 +14,7 @@ from maskrcnn.engine.predict import collect_inputs, predict
 from tiny_models import tiny_model
 
 CATEGORIES = [{"id": 5, "name": "circle", "keypoints": ["top", "bottom"], "skeleton": [[1, 2]]},
-              {"id": 9, "name": "square", "keypoints": ["top", "bottom"], "skeleton": [[1, 2]]}]  # fmt: skip
+              {"id": 9, "name": "square", "keypoints": ["top", "bottom"], "skeleton": [[1, 2]]}]
 
 
 class CentreModel(torch.nn.Module):
@@ -35,7 +35,7 @@ class CentreModel(torch.nn.Module):
             masks[1, 0, : h // 2, : w // 2] = 0.7
             keypoints = torch.tensor([[[w / 2, h / 4, 1.0], [w / 2, 3 * h / 4, 1.0]], [[1.0, 1.0, 1.0], [2.0, 2.0, 1.0]]])
             outputs.append({"boxes": boxes, "labels": torch.tensor([2, 1]), "scores": torch.tensor([0.9, 0.3]),
-                            "masks": masks, "keypoints": keypoints})  # fmt: skip
+                            "masks": masks, "keypoints": keypoints})
         return outputs
 
 
@@ -56,7 +56,7 @@ def test_folder_gives_one_png_per_image_and_a_valid_results_json(tmp_path):
     out = tmp_path / "out"
     model = CentreModel()
     report = predict(model, [folder, tmp_path / "missing.jpg"], out_dir=out, device="cpu", batch_size=2,
-                     score_threshold=0.5, categories=CATEGORIES)  # fmt: skip
+                     score_threshold=0.5, categories=CATEGORIES)
     assert [p.name for p in report.pictures] == ["a_rgb.png", "b_gray.png", "c_16bit.png"]
     for picture, size in zip(report.pictures, [(40, 60), (32, 32), (24, 20)]):
         with Image.open(picture) as written:
@@ -215,11 +215,11 @@ def test_predict_cli_with_annotations_writes_the_files_image_ids(tmp_path, capsy
         Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / name)
     coco = {"images": [{"id": 42, "file_name": "val/0001.png", "height": 40, "width": 50},
                        {"id": 17, "file_name": "0002.png", "height": 40, "width": 50}],
-            "annotations": [], "categories": [{"id": 5, "name": "a"}, {"id": 6, "name": "b"}, {"id": 9, "name": "c"}]}  # fmt: skip
+            "annotations": [], "categories": [{"id": 5, "name": "a"}, {"id": 6, "name": "b"}, {"id": 9, "name": "c"}]}
     (tmp_path / "val.json").write_text(json.dumps(coco))
     out = tmp_path / "out"
     code = main(["predict", "--weights", str(weights), str(folder), "--out", str(out), "--score-threshold", "0",
-                 "--annotations", str(tmp_path / "val.json"), "--no-draw", "--save-masks", "png"])  # fmt: skip
+                 "--annotations", str(tmp_path / "val.json"), "--no-draw", "--save-masks", "png"])
     err = capsys.readouterr().err
     assert code == 1 and "extra.png: not an image of the annotation file" in err  # named, not given a made-up id
     results = json.loads((out / "results.json").read_text())

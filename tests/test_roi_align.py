@@ -61,7 +61,7 @@ def test_bfloat16_features_under_autocast_keep_their_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = roi_align(features.bfloat16(), rois, 7, spatial_scale=1.0, sampling_ratio=2, aligned=True)
     expected = torchvision_roi_align(features.bfloat16().float(), rois, 7, spatial_scale=1.0, sampling_ratio=2,
-                                     aligned=True)  # fmt: skip
+                                     aligned=True)
     assert pooled.dtype == torch.bfloat16
     torch.testing.assert_close(pooled.float(), expected, atol=1e-2, rtol=1e-2)
     (grad,) = torch.autograd.grad(pooled.float().sum(), features)
@@ -94,7 +94,7 @@ def test_a_training_step_gives_the_losses_and_gradients_of_torchvision_roi_align
     monkeypatch.setattr(roi_heads, "roi_align", lambda *args, **kwargs: torchvision_roi_align(*args, **kwargs))
     expected_losses, expected_gradients = step(reference)
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
-                           "loss_mask", "loss_keypoint"}  # fmt: skip
+                           "loss_mask", "loss_keypoint"}
     for name, value in expected_losses.items():
         torch.testing.assert_close(losses[name], value, atol=1e-5, rtol=1e-5)
     assert gradients.keys() == expected_gradients.keys()

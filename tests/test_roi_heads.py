@@ -260,7 +260,7 @@ def test_point_supervision_uses_point_mask_loss(average):
     boxes = [t["boxes"] for t in targets]
     logits = heads.mask_head(heads.mask_pooler(features, boxes, IMAGE_SIZES))
     arguments = (logits, torch.cat(boxes), torch.cat([t["point_coords"] for t in targets]),
-                 torch.cat([t["point_labels"] for t in targets]), torch.cat([t["labels"] for t in targets]))  # fmt: skip
+                 torch.cat([t["point_labels"] for t in targets]), torch.cat([t["labels"] for t in targets]))
     expected = point_mask_loss(*arguments, average=average)
     torch.testing.assert_close(losses["loss_mask"], expected)
     assert expected > 0

@@ -12,7 +12,7 @@ from test_trainer import SIZE, Rectangles, tiny_config, tiny_model_config
 
 def _three_iterations(output_dir, **train):
     config = tiny_config(output_dir, iterations=3, checkpoint_every=1, keep_checkpoints=2, log_every=1, pictures=3,
-                         **train)  # fmt: skip
+                         **train)
     config.model = tiny_model_config()
     torch.set_num_threads(1)
     return trainer.train(config, train_dataset=Rectangles(6), val_dataset=Rectangles(4, seed=1))

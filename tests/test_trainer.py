@@ -44,7 +44,7 @@ def tiny_model() -> nn.Module:
     """torchvision MaskRCNN with a 2-conv backbone and 16-channel heads (fast on a CPU)."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())  # fmt: skip
+                             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
     backbone.out_channels = 16
     return MaskRCNN(
         backbone, num_classes=None, min_size=SIZE, max_size=SIZE,
@@ -54,7 +54,7 @@ def tiny_model() -> nn.Module:
         box_predictor=FastRCNNPredictor(32, NUM_CLASSES + 1),
         mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), mask_head=MaskRCNNHeads(16, [16], 1),
         mask_predictor=MaskRCNNPredictor(16, 16, NUM_CLASSES + 1),
-    )  # fmt: skip
+    )
 
 
 class Rectangles(torch.utils.data.Dataset):
@@ -62,7 +62,7 @@ class Rectangles(torch.utils.data.Dataset):
 
     def __init__(self, count: int, *, seed: int = 0, empty_every: int = 5) -> None:
         self.items = [self._make(np.random.default_rng([seed, i]), i, empty=(i % empty_every == empty_every - 1))
-                      for i in range(count)]  # fmt: skip
+                      for i in range(count)]
         images = [{"id": i + 1, "width": SIZE, "height": SIZE, "file_name": f"{i}.png"} for i in range(count)]
         annotations = []
         for _, target in self.items:
@@ -71,10 +71,10 @@ class Rectangles(torch.utils.data.Dataset):
                 x1, y1, x2, y2 = box
                 annotations.append({"id": len(annotations) + 1, "image_id": target["image_id"], "category_id": label,
                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask.sum()), "iscrowd": 0,
-                                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})  # fmt: skip
+                                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
         self.coco = COCO()
         self.coco.dataset = {"images": images, "annotations": annotations,
-                             "categories": [{"id": c, "name": f"class{c}"} for c in range(1, NUM_CLASSES + 1)]}  # fmt: skip
+                             "categories": [{"id": c, "name": f"class{c}"} for c in range(1, NUM_CLASSES + 1)]}
         self.coco.createIndex()
         self.label_to_category_id = {c: c for c in range(1, NUM_CLASSES + 1)}
 
@@ -98,7 +98,7 @@ class Rectangles(torch.utils.data.Dataset):
                   "labels": torch.tensor(labels, dtype=torch.int64),
                   "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(-1, SIZE, SIZE)),
                   "keypoints": torch.tensor(keypoints, dtype=torch.float32).reshape(-1, 4, 3),
-                  "image_id": index + 1}  # fmt: skip
+                  "image_id": index + 1}
         return torch.from_numpy(image), target
 
     def __len__(self) -> int:
@@ -154,13 +154,13 @@ def tiny_model_config() -> ModelConfig:
         box_head=BoxHeadConfig(batch_size_per_image=16, fc_dim=32, detections_per_img=10),
         mask_head=MaskHeadConfig(num_convs=1, conv_dim=16),
         keypoint_head=KeypointHeadConfig(enabled=True, num_keypoints=4, num_convs=1, conv_dim=16),
-    )  # fmt: skip
+    )
 
 
 def tiny_config(output_dir, **train) -> Config:
     settings = dict(output_dir=str(output_dir), device="cpu", seed=3, iterations=6, batch_size=2, lr=0.02,
                     schedule="cosine", warmup_iterations=2, warmup_factor=0.1, checkpoint_every=100,
-                    log_every=1, tensorboard=False)  # fmt: skip
+                    log_every=1, tensorboard=False)
     settings.update(train)
     return Config(train=TrainConfig(**settings), data=DataConfig(num_workers=0))
 
@@ -172,15 +172,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _loader(monkeypatch):
-    """The data helper's loader (shuffled, iteration-based) where it exists, `simple_batches` before."""
-    try:
-        import maskrcnn.data.loader  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(trainer, "build_train_batches", simple_batches)
 
 
 def _losses(output_dir):
@@ -253,16 +244,15 @@ def test_amp_bf16_on_cpu_and_gradient_clipping_train_with_finite_losses(tmp_path
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     result = trainer.train(tiny_config(tmp_path, iterations=2, amp=True, clip_grad_norm=0.5, cpu_threads=3),
-                           model=tiny_model(), train_dataset=Rectangles(4))  # fmt: skip
+                           model=tiny_model(), train_dataset=Rectangles(4))
     assert result["iteration"] == 2 and threads == [3]
     assert all(np.isfinite(v) for _, losses in _losses(tmp_path) for v in losses.values())
 
 
 def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
-    pytest.importorskip("maskrcnn.engine.evaluation")
     data = Rectangles(4)
     result = trainer.train(tiny_config(tmp_path, iterations=4, eval_every=2), model=tiny_model(),
-                           train_dataset=data, val_dataset=data)  # fmt: skip
+                           train_dataset=data, val_dataset=data)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "segm/AP" in r]
     assert [r["iteration"] for r in evaluations] == [2, 4]  # every 2 iterations, not again at the end
@@ -277,15 +267,14 @@ def test_init_weights_from_one_of_our_checkpoints(tmp_path):
     first = trainer.train(tiny_config(tmp_path / "a", iterations=2), model=tiny_model(), train_dataset=data)
     # lr 0: the second run must end exactly where its initial weights put it
     second = trainer.train(tiny_config(tmp_path / "b", iterations=1, lr=0.0, init_weights=str(tmp_path / "a" / "last.pth")),
-                           model=tiny_model(), train_dataset=data)  # fmt: skip
+                           model=tiny_model(), train_dataset=data)
     for name, value in first["model"].state_dict().items():
         assert torch.equal(value, second["model"].state_dict()[name]), name
 
 
 def test_build_datasets_generates_shapes_and_passes_the_augmentation(tmp_path):
-    pytest.importorskip("maskrcnn.data.coco")
     config = Config(data=DataConfig(root=str(tmp_path / "shapes"), shapes_train_images=3, shapes_val_images=2,
-                                    shapes_image_size=64, horizontal_flip=0.25, color_jitter=0.1))  # fmt: skip
+                                    shapes_image_size=64, horizontal_flip=0.25, color_jitter=0.1))
     context = trainer.distributed.DistributedContext()
     train_set, val_set = trainer.build_datasets(config, context)
     assert (len(train_set), len(val_set)) == (3, 2)
@@ -321,7 +310,6 @@ def test_init_weights_that_do_not_fit_are_a_clear_error(tmp_path, capsys):
 
 def test_end_to_end_with_our_model_on_shapes(tmp_path):
     """The default path: model, shapes data, loader and evaluation all built from the config."""
-    pytest.importorskip("maskrcnn.model.mask_rcnn")
     from maskrcnn import load_checkpoint
 
     model_config = tiny_model_config()
@@ -329,7 +317,7 @@ def test_end_to_end_with_our_model_on_shapes(tmp_path):
     config = tiny_config(tmp_path / "run", iterations=2, batch_size=2)
     config.model = model_config
     config.data = DataConfig(root=str(tmp_path / "shapes"), shapes_train_images=4, shapes_val_images=2,
-                             shapes_image_size=SIZE, num_workers=0)  # fmt: skip
+                             shapes_image_size=SIZE, num_workers=0)
     result = trainer.train(config)
     assert result["iteration"] == 2
     assert {"bbox/AP", "segm/AP", "keypoints/AP"} <= set(result["metrics"])
@@ -360,7 +348,6 @@ print("RESULT", result["interrupted"], result["iteration"], flush=True)
 
 def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_exits_cleanly(tmp_path):
     """A terminal's Ctrl-C reaches every process of the group, the DataLoader workers included."""
-    pytest.importorskip("maskrcnn.data.loader")
     import subprocess
     import sys
     import time
@@ -368,7 +355,7 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_exits_cleanly
 
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-c", _CTRL_C_SCRIPT, str(tmp_path)], start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -396,7 +383,6 @@ def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
 
 def test_resume_with_our_model_ends_with_the_same_weights(tmp_path):
     """The acceptance check with our Mask R-CNN (box, mask and keypoint heads), not a stand-in."""
-    pytest.importorskip("maskrcnn.model.mask_rcnn")
     from maskrcnn.model.mask_rcnn import build_model
 
     def run(output_dir, *, resume=False, signal_at=None):

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from maskrcnn.checkpoint.format import FORMAT as CHECKPOINT_FORMAT
+from maskrcnn.checkpoint.format import atomic_save
 from maskrcnn.config import Config, TrainConfig
-from maskrcnn.checkpoint.format import FORMAT as CHECKPOINT_FORMAT, atomic_save
+from maskrcnn.engine.optim import build_optimizer, build_scheduler
 from maskrcnn.engine.training_state import (
     StopSignal,
     capture_rng_state,
@@ -19,7 +21,6 @@ from maskrcnn.engine.training_state import (
     restore_training_state,
     training_state,
 )
-from maskrcnn.engine.optim import build_optimizer, build_scheduler
 
 
 def test_rng_state_round_trip():

@@ -17,7 +17,7 @@ def _prediction():
     masks[1, 0, 34:44, 40:60] = 0.9
     return {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 34.0, 60.0, 44.0]]),
             "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.2]), "masks": masks,
-            "keypoints": torch.tensor([[[20.5, 10.5, 1.0], [20.5, 29.5, 1.0]], [[50.0, 34.0, 1.0], [50.0, 43.0, 1.0]]])}  # fmt: skip
+            "keypoints": torch.tensor([[[20.5, 10.5, 1.0], [20.5, 29.5, 1.0]], [[50.0, 34.0, 1.0], [50.0, 43.0, 1.0]]])}
 
 
 def test_masks_boxes_and_keypoints_are_drawn_above_the_threshold_only():
@@ -38,7 +38,7 @@ def test_masks_boxes_and_keypoints_are_drawn_above_the_threshold_only():
 def test_nothing_to_draw_returns_the_image_and_float_images_are_converted():
     image = torch.rand(3, 20, 30)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
-             "masks": torch.zeros(0, 1, 20, 30)}  # fmt: skip
+             "masks": torch.zeros(0, 1, 20, 30)}
     drawn = draw_predictions(image, empty)
     assert torch.equal(drawn, (image * 255).round().to(torch.uint8))
 

@@ -53,7 +53,7 @@ def _shapes_paths(data: dict) -> dict:
     from maskrcnn.data.shapes import ensure_shapes
 
     return ensure_shapes(data["root"], num_train=data["shapes_train_images"], num_val=data["shapes_val_images"],
-                         image_size=data["shapes_image_size"], seed=data["shapes_seed"])  # fmt: skip
+                         image_size=data["shapes_image_size"], seed=data["shapes_seed"])
 
 
 def _read_json(path: str | Path):
@@ -88,7 +88,7 @@ def _report_interrupted(command: str, summary, output_dir: Path) -> int:
     name = summary.interrupted
     print(f"maskrcnn {command}: interrupted by {name} after iteration {summary.iteration}; "
           f"{summary.last_checkpoint} saved; `maskrcnn train {output_dir / 'config.yaml'} --resume` "
-          f"continues from there", file=sys.stderr)  # fmt: skip
+          f"continues from there", file=sys.stderr)
     number = signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGTERM  # another rank's
     return 128 + int(number)
 
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _report_interrupted("train", summary, Path(config.train.output_dir))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items()) if k.endswith("/AP"))
     print(f"trained to iteration {summary.iteration} ({summary.seconds_per_iteration:.2f} s/iteration); "
-          f"{metrics or 'no evaluation'}; checkpoint {summary.last_checkpoint}")  # fmt: skip
+          f"{metrics or 'no evaluation'}; checkpoint {summary.last_checkpoint}")
     return 0
 
 
@@ -139,13 +139,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         metrics = evaluate(model, dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
-                           results_path=out / "results.json")  # fmt: skip
+                           results_path=out / "results.json")
     except ValueError as error:  # e.g. the model's label table and the file's categories disagree
         raise CommandError(f"{annotations}: {error}") from None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(format_table(metrics))
     print(f"{len(dataset)} images of {annotations} in {time.perf_counter() - started:.1f} s; "
-          f"COCO results {out / 'results.json'}, metrics {out / 'metrics.json'}")  # fmt: skip
+          f"COCO results {out / 'results.json'}, metrics {out / 'metrics.json'}")
     return 0
 
 
@@ -164,17 +164,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     image_ids = image_ids_from_coco(_read_json(args.annotations)) if args.annotations else None
     report = predict(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
                      score_threshold=args.score_threshold, categories=trained_categories(checkpoint, annotations=args.annotations),
-                     draw=not args.no_draw, save_masks=args.save_masks, image_ids=image_ids)  # fmt: skip
+                     draw=not args.no_draw, save_masks=args.save_masks, image_ids=image_ids)
     for problem in report.problems:
         print(f"maskrcnn predict: {problem}", file=sys.stderr)
     if report.skipped:
         names = ", ".join(str(p) for p in report.skipped[:10]) + (", ..." if len(report.skipped) > 10 else "")
         print(f"maskrcnn predict: skipped {len(report.skipped)} file(s) that are neither images nor videos: {names}",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
     videos = f", {len(report.video_results)} video(s) (per-frame JSON beside them)" if report.video_results else ""
     print(f"{len(report.pictures) if not args.no_draw else 'no'} pictures, {report.detections} image detections "
           f"(score >= {args.score_threshold}){videos}; outputs in {args.out}, COCO results {report.results_path}"
-          + (f"; {len(report.problems)} input(s) skipped" if report.problems else ""))  # fmt: skip
+          + (f"; {len(report.problems)} input(s) skipped" if report.problems else ""))
     return 1 if report.problems else 0
 
 
@@ -185,7 +185,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, _ = _load_model(args.weights, "cpu")
     out = export_model(model, args.out, format=args.format, masks=args.masks, batch_size=args.batch_size,
-                       example_size=tuple(args.example_size))  # fmt: skip
+                       example_size=tuple(args.example_size))
     print(f"{args.format} graph of {args.weights} (batch {args.batch_size}, masks {args.masks}) written to {out}")
     return 0
 
@@ -203,7 +203,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     labels = f"{len(model.label_space)} COCO categories" if model.label_space else "no label table: labels are numbers"
     print(f"converted {args.source} -> {args.destination} ({model.config.num_classes} classes, "
           f"masks {model.config.mask_head.enabled}, keypoints {model.config.keypoint_head.enabled}; {labels}); "
-          f"its model as a recipe: {recipe_path(args.destination)}")  # fmt: skip
+          f"its model as a recipe: {recipe_path(args.destination)}")
     return 0
 
 
@@ -225,7 +225,7 @@ def run_demo(config, *, pictures: int = 8) -> int:
     _shapes_paths(vars(config.data))
     config.train.pictures = pictures
     print(f"shapes data in {config.data.root} ({time.perf_counter() - started:.1f} s); training "
-          f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")  # fmt: skip
+          f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")
     summary = train(config)
     out = Path(config.train.output_dir)
     if summary.interrupted:
@@ -235,7 +235,7 @@ def run_demo(config, *, pictures: int = 8) -> int:
           f"{minutes:.1f} min in all; {config.data.shapes_val_images} held-out images")
     drawn = f"pictures: {out / 'contact_sheet.png'} and {out / 'predictions'}, " if pictures > 0 else ""
     print(f"{drawn}curves: {out / 'training_curves.png'}, checkpoint: {summary.last_checkpoint}, "
-          f"metrics: {out / 'metrics.json'}, log: {out / 'log.txt'}")  # fmt: skip
+          f"metrics: {out / 'metrics.json'}, log: {out / 'log.txt'}")
     return 0
 
 
@@ -318,7 +318,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     predict.add_argument("--no-draw", action="store_true", help="write no pictures or annotated videos, only results")
     predict.add_argument("--save-masks", choices=("rle", "png", "none"), default="rle",
                          help="rle (default): COCO RLE in each result's segmentation; png: one PNG per detection in "
-                              "OUT/masks/, named by the result's mask_file; none: no masks")  # fmt: skip
+                              "OUT/masks/, named by the result's mask_file; none: no masks")
 
     export = add("export", cmd_export, "write the whole model (resize, normalise, detect, paste) as ONNX or TorchScript")
     export.description = (
@@ -335,22 +335,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--masks", choices=("image", "box"), default="image",
                         help="image (default): [N, 1, H, W] pasted at the image size, the Python model's output, so "
                              "the file replaces it as is; box: [N, 1, 28, 28] over each box (memory N*28*28 instead "
-                             "of N*H*W: 4.8 GB for 100 masks on a 4000 x 3000 image); paste the ones you need")  # fmt: skip
+                             "of N*H*W: 4.8 GB for 100 masks on a 4000 x 3000 image); paste the ones you need")
     export.add_argument("--batch-size", type=int, default=1, help="images per call, fixed in the graph (default: 1)")
     export.add_argument("--example-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="size of the random images traced (any size works afterwards; default: 480 640)")
 
     convert = add("convert", cmd_convert, "convert torchvision or detectron2 weights into a maskrcnn checkpoint")
     convert.add_argument("source", help="torchvision state dict (fasterrcnn/maskrcnn/keypointrcnn R50-FPN, v1 or v2), "
-                                        "or with --config detectron2's model_final.pkl / .pth")  # fmt: skip
+                                        "or with --config detectron2's model_final.pkl / .pth")
     convert.add_argument("destination", help="maskrcnn checkpoint to write; its model is also written as a recipe "
-                                             "beside it (same name, .yaml) to fine-tune from")  # fmt: skip
+                                             "beside it (same name, .yaml) to fine-tune from")
     convert.add_argument("--config", default=None,
                          help="detectron2 YAML config of the weights: the config.yaml of its output folder, or a "
                               "model-zoo file (its _BASE_ files beside it); detectron2 itself is not needed")
     convert.add_argument("--annotations", help="COCO JSON the weights were trained on: its categories become the label "
                                                "table (default: COCO's for torchvision's and detectron2's COCO "
-                                               "models, else none)")  # fmt: skip
+                                               "models, else none)")
 
     for name, module, help_text in (
         ("check-data", "maskrcnn.data.checker", "check a COCO annotation file against its images; list every problem"),

@@ -327,7 +327,7 @@ def recipe_path(name_or_path: str | Path) -> Path:
     if len(path.parts) == 1 and recipe.is_file():
         return recipe
     raise ConfigError(f"config file {name_or_path} does not exist, and it is not one of the shipped recipes "
-                      f"({', '.join(recipe_names())})")  # fmt: skip
+                      f"({', '.join(recipe_names())})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -95,7 +95,7 @@ class ExportableMaskRCNN(nn.Module):
         return F.pad(resized, (0, padding[1], 0, padding[0])), resized_size
 
     def proposals(self, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], index: int,
-                  image_size: Tensor) -> Tensor:  # fmt: skip
+                  image_size: Tensor) -> Tensor:
         """The RPN's proposals `[P, 4]` for image `index`: per level the top `pre_nms_top_n_test`,
         clipped, without tiny boxes, above `score_thresh`, NMS per level, the best `post_nms_top_n_test`."""
         rpn = self.rpn
@@ -116,7 +116,7 @@ class ExportableMaskRCNN(nn.Module):
         return boxes[keep]
 
     def detect(self, features: dict[str, Tensor], proposals: Tensor, index: int, image_size: Tensor,
-               original_size: Tensor) -> list[Tensor]:  # fmt: skip
+               original_size: Tensor) -> list[Tensor]:
         """Box head on the proposals, per-class NMS, then masks and keypoints on the detections;
         everything mapped back to the original image size."""
         heads = self.roi_heads
@@ -141,7 +141,7 @@ class ExportableMaskRCNN(nn.Module):
         return outputs
 
     def box_inference(self, class_logits: Tensor, box_deltas: Tensor, proposals: Tensor,
-                      image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                      image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The eager `box_inference` for one image: one box per (proposal, class) pair (suppressed
         labels left out), kept above `score_thresh`, NMS per class, the best `detections_per_img`;
         degenerate boxes dropped before NMS ("torchvision") or empty ones after it ("detectron2")."""
@@ -226,13 +226,13 @@ def _pool(pooler: nn.Module, features: dict[str, Tensor], boxes: Tensor, index: 
         on_level = torch.where(level == number)[0]
         rois = torch.cat([image_column[on_level], boxes[on_level] * torch.pow(2.0, exponent)], dim=1)  # [r, 5]
         pooled.append(roi_align(feature_map, rois, pooler.output_size, spatial_scale=1.0,
-                                sampling_ratio=pooler.sampling_ratio, aligned=pooler.aligned))  # fmt: skip
+                                sampling_ratio=pooler.sampling_ratio, aligned=pooler.aligned))
         positions.append(on_level)
     return torch.cat(pooled)[torch.cat(positions).argsort()]
 
 
 def paste_masks_dense(masks: Tensor, boxes: Tensor, image_size: Tensor, *, padding: int = 1,
-                      aligned: bool = False) -> Tensor:  # fmt: skip
+                      aligned: bool = False) -> Tensor:
     """`masks [N, 1, M, M]` over `boxes [N, 4]` -> `[N, 1, H, W]` with the numbers of the eager
     `paste_masks` (the same spans and bilinear taps), as two gathers over every image pixel: no
     data-dependent size, so it traces; memory N * H * W (the eager paste touches only the boxes)."""
@@ -351,7 +351,7 @@ def _export_onnx(wrapper: ExportableMaskRCNN, example: Tensor, out: Path, opset:
     if wrapper.has_masks and wrapper.masks == "image":
         dynamic["masks"] = {0: "detections", 2: "height", 3: "width"}
     torch.onnx.export(wrapper, (example,), str(out), dynamo=False, opset_version=opset, input_names=["images"],
-                      output_names=wrapper.output_names, dynamic_axes=dynamic, do_constant_folding=True)  # fmt: skip
+                      output_names=wrapper.output_names, dynamic_axes=dynamic, do_constant_folding=True)
 
 
 @contextlib.contextmanager

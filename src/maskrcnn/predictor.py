@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from maskrcnn.checkpoint.label_space import category_id_table, label_names, labe
 from maskrcnn.data.coco import decode_image, image_to_tensor
 from maskrcnn.model.mask_head import paste_masks
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 MASK_MODES = ("image", "box")
 INPUT_FORMATS = ("RGB", "BGR")
 
@@ -167,7 +167,7 @@ def _tensor_image(image: Tensor, *, index: int) -> Tensor:
 def paste_in_chunks(
     masks: Tensor, boxes: Tensor, image_size: tuple[int, int], *, aligned: bool, threshold: float = 0.5,
     max_values: int = 1 << 25,
-) -> Iterator[tuple[int, Tensor]]:  # fmt: skip
+) -> Iterator[tuple[int, Tensor]]:
     """Paste `masks [N, 1, M, M]` over `boxes [N, 4]` a few at a time and yield `(start, bool
     [n, H, W])` for masks `start..start + n`: at most `max_values` pasted floats live at once
     (128 MB by default; a 4000 x 3000 image gets 2 masks per chunk)."""
@@ -175,5 +175,5 @@ def paste_in_chunks(
     per_chunk = max(1, max_values // max(1, height * width))
     for start in range(0, len(masks), per_chunk):
         pasted = paste_masks(masks[start : start + per_chunk], boxes[start : start + per_chunk], image_size,
-                             padding=1, aligned=aligned)  # fmt: skip
+                             padding=1, aligned=aligned)
         yield start, pasted[:, 0] > threshold

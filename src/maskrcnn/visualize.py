@@ -19,7 +19,7 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 # Distinct, saturated colours (Tableau 10); label k gets PALETTE[k % 10].
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def label_color(label: int) -> tuple[int, int, int]:
@@ -82,7 +82,7 @@ def draw_predictions(
         canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colors)
     names = category_names or {}
     captions = [names.get(label, str(label)) + (f" {score:.2f}" if show_scores else "")
-                for label, score in zip(labels, scores)]  # fmt: skip
+                for label, score in zip(labels, scores)]
     if font_size is None:
         canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
     else:
@@ -93,7 +93,7 @@ def draw_predictions(
         canvas = draw_keypoints(
             canvas, keypoints[..., :2] * scale, connectivity=list(skeleton or []) or None, colors=(255, 255, 255),
             radius=2 * scale, width=scale, visibility=keypoints[..., 2] > 0,
-        )  # fmt: skip
+        )
     return canvas
 
 
@@ -126,7 +126,7 @@ def contact_sheet(tiles: Sequence[tuple[str, torch.Tensor, torch.Tensor]], *, co
     cell_width, cell_height = 2 * width + gap, height + header
     rows = math.ceil(len(tiles) / columns)
     sheet = Image.new("RGB", (columns * cell_width + (columns + 1) * gap, rows * cell_height + (rows + 1) * gap),
-                      (255, 255, 255))  # fmt: skip
+                      (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=font_size)
     for index, (title, truth, prediction) in enumerate(tiles):
@@ -206,14 +206,14 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
     loss_keys = [k for k in keys if k.startswith("loss") or k.endswith("loss")]
     ap_keys = [k for k in keys if "AP" in k and "/" in k and k.split("/")[-1] in ("AP", "AP50")]
     panels = [("losses", loss_keys, True), ("learning rate", ["lr"] if "lr" in keys else [], False),
-              ("evaluation", ap_keys, False)]  # fmt: skip
+              ("evaluation", ap_keys, False)]
     panels = [p for p in panels if p[1]]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for axis, (title, panel_keys, log_scale) in zip(axes[0], panels):
         for key in panel_keys:
             xs, ys = series(key)
             axis.plot(xs, ys, label=key, linewidth=2.0 if key in ("loss", "total_loss") else 1.0,
-                      marker="o" if len(xs) < 20 and title == "evaluation" else None)  # fmt: skip
+                      marker="o" if len(xs) < 20 and title == "evaluation" else None)
         if log_scale and all(y > 0 for key in panel_keys for y in series(key)[1]):
             axis.set_yscale("log")
         axis.set_title(title)

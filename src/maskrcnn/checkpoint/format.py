@@ -202,7 +202,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, Tensor], *, what:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-                   if k in state and state[k].shape != own[k].shape]  # fmt: skip
+                   if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"{what} do not fit the model: {len(missing)} missing (e.g. {missing[:4]}), "

@@ -51,7 +51,7 @@ def labels_from_categories(categories: Sequence[Mapping]) -> list[dict]:
     """Our training convention: categories by ascending id, label = position + 1."""
     ordered = sorted(categories, key=lambda c: int(c["id"]))
     return [{"label": label, "id": int(c["id"]), "name": str(c.get("name", c["id"]))}
-            for label, c in enumerate(ordered, start=1)]  # fmt: skip
+            for label, c in enumerate(ordered, start=1)]
 
 
 def checkpoint_labels(checkpoint: Mapping) -> list[dict] | None:

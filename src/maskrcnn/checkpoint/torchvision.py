@@ -241,7 +241,7 @@ def convert_torchvision_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor
     for index, key in enumerate(_box_head_fc_keys(state) if V1_BOX_HEAD_KEY not in state else []):
         prefix = key.removesuffix("weight")
         fc_names.update({prefix + "weight": f"roi_heads.box_head.fc{6 + index}.weight",
-                         prefix + "bias": f"roi_heads.box_head.fc{6 + index}.bias"})  # fmt: skip
+                         prefix + "bias": f"roi_heads.box_head.fc{6 + index}.bias"})
     converted = {}
     for key, value in state.items():
         if key in fc_names:

@@ -15,16 +15,26 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
-from maskrcnn.data.coco_parse import (CocoFormatError, ImageRecord, Problem, flip_map_from_names, flip_map_problem,
-                                      load_json, parse_coco, read_image_header, unpaired_sided_names)
+from maskrcnn.data.coco_parse import (
+    CocoFormatError,
+    ImageRecord,
+    Problem,
+    flip_map_from_names,
+    flip_map_problem,
+    load_json,
+    parse_coco,
+    read_image_header,
+    unpaired_sided_names,
+)
 from maskrcnn.data.masks import InstanceMasks
 
 __all__ = ["CocoDataset", "CocoFormatError", "Problem", "decode_image", "image_to_tensor", "read_image_header"]

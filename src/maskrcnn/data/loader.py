@@ -12,11 +12,11 @@ have seen (the skipped batches are recomputed, which costs index arithmetic only
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
@@ -100,19 +100,3 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int, num_work
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       worker_init_fn=_worker_init if num_workers > 0 else None,
                       persistent_workers=num_workers > 0)
-
-
-def shard_indices(num_images: int, *, rank: int, world_size: int) -> list[int]:
-    """Contiguous, disjoint slices that cover every index once (no padding duplicates)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    start = num_images * rank // world_size
-    return list(range(start, num_images * (rank + 1) // world_size))
-
-
-def build_eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0, rank: int = 0,
-                      world_size: int = 1) -> DataLoader:
-    """This rank's share of the data set, in order; shards differ in size by at most one image."""
-    subset: Any = Subset(dataset, shard_indices(len(dataset), rank=rank, world_size=world_size))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                      num_workers=num_workers, worker_init_fn=_worker_init if num_workers > 0 else None)

@@ -11,7 +11,8 @@ W - x exactly. The protocol (docs/design.md) is duck-typed: the model never impo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils

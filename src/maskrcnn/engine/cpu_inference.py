@@ -102,7 +102,7 @@ def optimize_for_cpu(
         raise ValueError("optimize_for_cpu: the model is not on the CPU (call model.cpu() first)")
     if mode == "bf16" and not has_fast_bf16(cpu_flags):
         warnings.warn("inference mode 'bf16': this CPU has no AMX bf16 (amx_bf16 flag), where bf16 is slower "
-                      "than fp32; using the 'fast' mode (fp32) instead", stacklevel=2)  # fmt: skip
+                      "than fp32; using the 'fast' mode (fp32) instead", stacklevel=2)
         mode = "fast"
     optimized = copy.deepcopy(model).eval()
     optimized.inference_mode = mode

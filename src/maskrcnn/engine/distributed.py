@@ -123,15 +123,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced / dist.get_world_size()
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise max over ranks: used so that one rank's stop request stops them all."""
-    if not is_distributed():
-        return tensor.clone()
-    reduced = tensor.detach().clone()
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return reduced
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (`[obj]` in a single process). Picklable objects only.
 

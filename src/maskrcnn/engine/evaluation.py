@@ -27,6 +27,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.data.loader import collate
+
 IOU_TYPES = ("bbox", "segm", "keypoints")
 DETECTION_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -92,7 +94,8 @@ def category_id_table(dataset: object, coco_gt: COCO, label_space: Sequence[Mapp
     file's categories), else `dataset.label_to_category_id` (mapping or sequence), else COCO's
     sorted category ids mapped to 1..K."""
     if label_space:
-        from maskrcnn.checkpoint.label_space import category_id_table as from_labels, check_against_categories
+        from maskrcnn.checkpoint.label_space import category_id_table as from_labels
+        from maskrcnn.checkpoint.label_space import check_against_categories
 
         check_against_categories(label_space, coco_gt.dataset.get("categories", []), where="the model's label table")
         return from_labels(label_space)
@@ -151,12 +154,12 @@ def _summary(coco_eval: COCOeval, category_indices: Sequence[int] | None = None)
         return [one(True, None, "all", d), one(True, 0.5, "all", d), one(True, 0.75, "all", d),
                 one(True, None, "medium", d), one(True, None, "large", d), one(False, None, "all", d),
                 one(False, 0.5, "all", d), one(False, 0.75, "all", d), one(False, None, "medium", d),
-                one(False, None, "large", d)]  # fmt: skip
+                one(False, None, "large", d)]
     d0, d1, d2 = params.maxDets
     return [one(True), one(True, 0.5, "all", d2), one(True, 0.75, "all", d2), one(True, None, "small", d2),
             one(True, None, "medium", d2), one(True, None, "large", d2), one(False, None, "all", d0),
             one(False, None, "all", d1), one(False, None, "all", d2), one(False, None, "small", d2),
-            one(False, None, "medium", d2), one(False, None, "large", d2)]  # fmt: skip
+            one(False, None, "medium", d2), one(False, None, "large", d2)]
 
 
 def _results_as_coco(coco_gt: COCO, results: list[dict]) -> COCO:
@@ -166,7 +169,7 @@ def _results_as_coco(coco_gt: COCO, results: list[dict]) -> COCO:
     # loadRes cannot take an empty list; an empty result set scores AP 0 against any ground truth.
     empty = COCO()
     empty.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
-                     "annotations": []}  # fmt: skip
+                     "annotations": []}
     with contextlib.redirect_stdout(io.StringIO()):
         empty.createIndex()
     return empty
@@ -226,10 +229,6 @@ def coco_evaluate(
 
 
 # --------------------------------------------------------------------------- the model
-def _collate(batch: list) -> tuple:
-    return tuple(zip(*batch))
-
-
 @torch.no_grad()
 def run_inference(
     model: torch.nn.Module,
@@ -249,8 +248,8 @@ def run_inference(
     indices = list(range(len(dataset))) if indices is None else list(indices)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate,
-    )  # fmt: skip
+        num_workers=num_workers, collate_fn=collate,
+    )
     was_training = model.training
     model.eval()
     results: list[dict] = []
@@ -300,7 +299,7 @@ def evaluate(
     results, image_ids, keys = run_inference(
         model, dataset, device=device, category_ids=category_ids, batch_size=batch_size,
         indices=indices, num_workers=num_workers,
-    )  # fmt: skip
+    )
     if gather is not None:
         gathered = gather([results, image_ids, sorted(keys)])
         if gathered is None:
@@ -344,7 +343,7 @@ def format_table(metrics: Mapping[str, Mapping]) -> str:
     columns = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     rows = [(iou_type, entry) for iou_type, entry in metrics.items()]
     rows += [(f"{iou_type} {group}", stats) for iou_type, entry in metrics.items()
-             for group, stats in entry.get("groups", {}).items()]  # fmt: skip
+             for group, stats in entry.get("groups", {}).items()]
     width = max([len(name) for name, _ in rows] + [12]) + 1
     lines = [f"{'':{width}s}" + "".join(f"{c:>7s}" for c in columns)]
     lines += [f"{name:{width}s}" + "".join(cell(stats.get(c)) for c in columns) for name, stats in rows]

@@ -124,7 +124,7 @@ class _Writer:
             canvas = overlay_masks(canvas, self.binary_masks(result, size), colors=colors)
         boxes_only = {key: value for key, value in result.items() if key in ("boxes", "labels", "scores", "keypoints")}
         return draw_predictions(canvas, boxes_only, category_names=self.predictor.label_names, skeleton=self.skeleton,
-                                score_threshold=self.predictor.score_threshold)  # fmt: skip
+                                score_threshold=self.predictor.score_threshold)
 
     def binary_masks(self, result: Mapping, size: tuple[int, int]):
         if self.predictor.masks_over_boxes:
@@ -198,7 +198,7 @@ def predict(
     found = collect_inputs(inputs)
     report = PredictionReport(problems=list(found.problems), skipped=found.skipped)
     predictor = Predictor(model, device=device, score_threshold=score_threshold, batch_size=batch_size,
-                          masks="box", categories=categories)  # fmt: skip
+                          masks="box", categories=categories)
     ordered = sorted(categories or [], key=lambda c: c["id"])
     skeleton = coco_skeleton(ordered[0]) if ordered and ordered[0].get("skeleton") else None
     writer = _Writer(predictor, out_dir, skeleton, draw, save_masks)
@@ -217,7 +217,7 @@ def predict(
 
 
 def _predict_images(writer: _Writer, images: list[Path], report: PredictionReport, taken: set[str],
-                    image_ids: Mapping[str, int] | None) -> list[dict]:  # fmt: skip
+                    image_ids: Mapping[str, int] | None) -> list[dict]:
     results: list[dict] = []
     processed = 0  # without image_ids, an image's id is its number among the processed images
     batch_size = writer.predictor.batch_size
@@ -307,7 +307,7 @@ def _predict_video(writer: _Writer, path: Path, report: PredictionReport, taken:
                     if video_out is not None:
                         video_out.write(writer.draw_picture(image, result))
                     detections = writer.coco_results(result, (image.shape[-2], image.shape[-1]), image_id=index,
-                                                     mask_stem=f"{stem}_frame{index}")  # fmt: skip
+                                                     mask_stem=f"{stem}_frame{index}")
                     frames.append({"frame": index, "time": round(time, 6), "detections": detections})
         except (av.FFmpegError, OSError, ValueError) as error:  # a damaged stream
             report.problems.append(f"{path}: stopped after {len(frames)} frame(s): {error}")

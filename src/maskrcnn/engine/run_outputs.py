@@ -120,7 +120,7 @@ def _progress_line(iteration: int, total: int, values: dict[str, float]) -> str:
     seconds = values.get("seconds_per_iteration", 0.0)
     eta = int(seconds * (total - iteration))
     return (f"iteration {iteration}/{total}  loss {values.get('loss', float('nan')):.3f} ({terms})  "
-            f"lr {values.get('lr', float('nan')):.3g}  {seconds:.2f} s/it  eta {eta // 60}m {eta % 60:02d}s")  # fmt: skip
+            f"lr {values.get('lr', float('nan')):.3g}  {seconds:.2f} s/it  eta {eta // 60}m {eta % 60:02d}s")
 
 
 def report_evaluation(metrics: dict, *, iteration: int, output_dir: Path) -> None:

@@ -39,9 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskrcnn.config import Config, config_to_dict, save_config, validate_config
-from maskrcnn.engine import distributed
 from maskrcnn.checkpoint.format import atomic_save, remove_stale_temporaries
+from maskrcnn.config import Config, config_to_dict, save_config, validate_config
+from maskrcnn.engine import distributed, run_outputs
+from maskrcnn.engine.evaluation import flatten_metrics
+from maskrcnn.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
+from maskrcnn.engine.precision import autocast_dtype
 from maskrcnn.engine.training_state import (
     BEST,
     LAST,
@@ -54,10 +57,6 @@ from maskrcnn.engine.training_state import (
     training_state,
     unwrap_model,
 )
-from maskrcnn.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
-from maskrcnn.engine import run_outputs
-from maskrcnn.engine.evaluation import flatten_metrics
-from maskrcnn.engine.precision import autocast_dtype
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,7 +90,7 @@ def build_datasets(config: Config, context: distributed.DistributedContext) -> t
         from maskrcnn.data.shapes import ensure_shapes
 
         arguments = dict(num_train=data.shapes_train_images, num_val=data.shapes_val_images,
-                         image_size=data.shapes_image_size, seed=data.shapes_seed)  # fmt: skip
+                         image_size=data.shapes_image_size, seed=data.shapes_seed)
         if context.is_main:
             ensure_shapes(data.root, **arguments)
         distributed.barrier()  # the other ranks read what rank 0 wrote
@@ -125,7 +124,7 @@ def build_train_batches(dataset: Any, config: Config, context: distributed.Distr
         dataset, batch_size=config.train.batch_size, seed=config.train.seed,
         num_workers=config.data.num_workers, aspect_ratio_grouping=config.data.aspect_ratio_grouping,
         rank=context.rank, world_size=context.world_size, start_iteration=start_iteration,
-    )  # fmt: skip
+    )
     return iter(loader)
 
 
@@ -152,7 +151,7 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
     removed = remove_stale_temporaries(output_dir)
     if removed:
         print(f"removed {len(removed)} stale temporary checkpoint file(s) left by an interrupted save in {output_dir}: "
-              f"{', '.join(p.name for p in removed)}", file=sys.stderr)  # fmt: skip
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr)
 
 
 def check_data_fits_model(config: Config, dataset: Any) -> None:
@@ -183,7 +182,7 @@ def check_data_fits_model(config: Config, dataset: Any) -> None:
         raise ValueError(f"model.keypoint_head.num_keypoints={model.keypoint_head.num_keypoints}, but {source} has "
                          f"{found}: set model.keypoint_head.num_keypoints={len(names)}" if names else
                          f"model.keypoint_head.enabled is true, but {source} has {found}: "
-                         "set model.keypoint_head.enabled=false")  # fmt: skip
+                         "set model.keypoint_head.enabled=false")
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: torch.device,
@@ -205,7 +204,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: to
                 class_groups=_class_groups(config), results_path=results_path,
                 indices=range(context.rank, len(dataset), context.world_size),
                 gather=gather_on_main if context.enabled else None,
-            )  # fmt: skip
+            )
     finally:
         model.train()
     return distributed.all_gather_object(metrics or {})[0]  # every rank learns rank 0's numbers
@@ -284,7 +283,7 @@ def _non_finite_message(iteration: int, names: list[str], values: torch.Tensor, 
     bad = ", ".join(f"{name}={value}" for name, value in zip(names, values.tolist()) if not math.isfinite(value))
     return (f"iteration {iteration}: non-finite loss {bad} (averaged over ranks); training stopped and "
             f"{_kept_checkpoint(last, saved_at)}. "
-            f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")  # fmt: skip
+            f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")
 
 
 def non_finite_entries(state: Any, prefix: str = "") -> list[str]:
@@ -457,7 +456,7 @@ def _loop_io(config: Config, *, context: distributed.DistributedContext, train_d
     with rng_preserved(), children_ignore_sigint():
         batches = build_train_batches(train_dataset, config, context, start)
     writer = MetricsWriter(Path(config.train.output_dir), enabled=context.is_main,
-                           tensorboard=config.train.tensorboard, start_iteration=start)  # fmt: skip
+                           tensorboard=config.train.tensorboard, start_iteration=start)
     progress = run_outputs.Progress(total=config.train.iterations, initial=start, log=log, enabled=context.is_main)
     return batches, writer, progress
 
@@ -476,7 +475,7 @@ def _restore_or_seed(config: Config, *, context: distributed.DistributedContext,
     expected = set(optimizer.defaults)
     try:
         start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
-                                                 scheduler=None, scaler=scaler, rank=context.rank)  # fmt: skip
+                                                 scheduler=None, scaler=scaler, rank=context.rank)
     except (ValueError, KeyError, RuntimeError) as error:
         detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise ValueError(f"cannot resume from {last_path}: its saved state does not fit this run "
@@ -538,7 +537,7 @@ def after_step(parts: TrainingParts, state: TrainingState, step: StepResult) -> 
     values = None
     if iteration % settings.log_every == 0 or iteration == settings.iterations:
         values = {"lr": step.lr, "loss": step.losses.sum().item(),
-                  **{name: value for name, value in zip(step.names, step.losses.tolist())}}  # fmt: skip
+                  **{name: value for name, value in zip(step.names, step.losses.tolist())}}
         values["seconds_per_iteration"] = state.seconds_per_iteration()
         parts.writer.write(iteration, values)
     parts.progress.step(iteration, values)
@@ -571,7 +570,7 @@ def _finish(parts: TrainingParts, state: TrainingState) -> None:
         with rng_preserved():
             run_outputs.write_pictures(unwrap_model(parts.model), parts.val_dataset,
                                        count=parts.config.train.pictures, output_dir=output_dir, device=parts.device,
-                                       tensorboard=parts.writer.tensorboard, iteration=state.iteration)  # fmt: skip
+                                       tensorboard=parts.writer.tensorboard, iteration=state.iteration)
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> None:
@@ -587,13 +586,13 @@ def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> N
         raise NonFiniteStateError(
             f"iteration {state.iteration}: {len(bad)} tensors of the weights / optimizer state are not finite "
             f"(e.g. {', '.join(bad[:3])}); {path.name} was not written and {kept}. "
-            f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")  # fmt: skip
+            f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")
     rng = distributed.all_gather_object(capture_rng_state())  # every rank's state, for exact resume
     if parts.context.is_main:
         atomic_save(training_state(model=parts.model, config=parts.config, optimizer=parts.optimizer,
                                    scheduler=parts.scheduler, scaler=parts.scaler, iteration=state.iteration,
                                    rng=rng, data_position=_data_position(parts, state),
-                                   best_metric=state.best_metric, categories=parts.categories), path)  # fmt: skip
+                                   best_metric=state.best_metric, categories=parts.categories), path)
     if path == parts.last_path:
         state.saved_at = state.iteration
 
@@ -601,7 +600,7 @@ def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> N
 def _data_position(parts: TrainingParts, state: TrainingState) -> dict:
     settings = parts.config.train
     return {"iteration": state.iteration, "batch_size": settings.batch_size,
-            "world_size": parts.context.world_size, "seed": settings.seed}  # fmt: skip
+            "world_size": parts.context.world_size, "seed": settings.seed}
 
 
 def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
@@ -610,7 +609,7 @@ def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
     output_dir = parts.last_path.parent
     full = evaluate_model(parts.model, parts.val_dataset, config=parts.config, device=parts.device,
                           context=parts.context,
-                          results_path=output_dir / "results.json" if parts.context.is_main else None)  # fmt: skip
+                          results_path=output_dir / "results.json" if parts.context.is_main else None)
     metrics = flatten_metrics(full)
     parts.writer.write(state.iteration, metrics)
     if parts.context.is_main and full:
@@ -635,7 +634,7 @@ def _check_resumable(checkpoint: dict, config: Config, context: distributed.Dist
         raise ValueError(f"cannot resume from {path}: it was trained with train.optimizer={saved_optimizer} and the "
                          f"config says {config.train.optimizer}, so the optimizer state does not fit; resume with "
                          f"train.optimizer={saved_optimizer}, or start a new run from its weights with "
-                         f"train.init_weights={path}")  # fmt: skip
+                         f"train.init_weights={path}")
     position = checkpoint.get("data_position") or {}
     now = {"batch_size": config.train.batch_size, "world_size": context.world_size, "seed": config.train.seed}
     changed = {k: (position.get(k), v) for k, v in now.items() if position.get(k) != v}
@@ -643,4 +642,4 @@ def _check_resumable(checkpoint: dict, config: Config, context: distributed.Dist
         import warnings
 
         warnings.warn(f"resuming {path} with a different {changed} (saved, now): the data order will not "
-                      f"continue exactly", stacklevel=2)  # fmt: skip
+                      f"continue exactly", stacklevel=2)

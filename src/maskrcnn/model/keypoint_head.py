@@ -146,7 +146,7 @@ def heatmaps_to_keypoints(heatmaps: Tensor, rois: Tensor, *, decoding: str = "to
     """
     if decoding not in KEYPOINT_DECODINGS:
         raise ValueError(f"keypoint_head.decoding must be one of {KEYPOINT_DECODINGS}, got {decoding!r}")
-    num_rois, num_keypoints, size = heatmaps.shape[0], heatmaps.shape[1], heatmaps.shape[-1]
+    num_rois, num_keypoints = heatmaps.shape[0], heatmaps.shape[1]
     device = heatmaps.device
     keypoints = torch.zeros((num_rois, num_keypoints, 3), dtype=torch.float32, device=device)
     scores = torch.zeros((num_rois, num_keypoints), dtype=torch.float32, device=device)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -139,7 +138,7 @@ class _MaskHeadBase(nn.Module):
     def __init__(
         self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module,
         body_after_upsampling: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         _check_norm(norm)
         self.body_after_upsampling = body_after_upsampling
@@ -238,4 +237,4 @@ class HourglassMaskHead(_MaskHeadBase):
         _check_norm(norm)
         body = HourglassLevel(channels=conv_dim, levels=num_convs, block=block, norm=norm)
         super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body,
-                         body_after_upsampling=True)  # fmt: skip
+                         body_after_upsampling=True)

@@ -111,7 +111,7 @@ class MaskRCNN(nn.Module):
         if not (len(images) == len(boxes) == len(labels)):
             raise ValueError(f"segment_boxes: {len(images)} images, {len(boxes)} box sets, {len(labels)} label sets")
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        given = [{"boxes": b.float(), "labels": l.long()} for b, l in zip(boxes, labels)]
+        given = [{"boxes": b.float(), "labels": c.long()} for b, c in zip(boxes, labels)]
         batch, scaled = self.transform(images, given)
         features = self.backbone(batch.tensors)
         detections = [{"boxes": t["boxes"], "labels": t["labels"]} for t in scaled]

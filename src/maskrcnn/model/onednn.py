@@ -29,7 +29,7 @@ def _reorder(weight: Tensor, conv: nn.Conv2d) -> Tensor:
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
         weight.detach().contiguous().to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation),
         conv.groups,
-    )  # fmt: skip
+    )
 
 
 def _conv2d_takes_onednn(x: Tensor, conv: nn.Conv2d) -> bool:
@@ -61,7 +61,7 @@ class PrepackedConv2d(nn.Module):
             return conv(x)
         bias = None if conv.bias is None else conv.bias.detach()
         return torch.mkldnn_convolution(x, self.packed_weight, bias, conv.padding, conv.stride, conv.dilation,
-                                        conv.groups)  # fmt: skip
+                                        conv.groups)
 
 
 def prepack_convs(module: nn.Module) -> int:
@@ -100,7 +100,7 @@ class FusedConv2d(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, *, norm: nn.Module | None = None, relu: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"FusedConv2d: padding {conv.padding!r} / {conv.padding_mode!r} is not supported")
@@ -115,11 +115,11 @@ class FusedConv2d(nn.Module):
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
                 "relu" if self.relu else "none", [], "",
-            )  # fmt: skip
+            )
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "add", None, "relu" if self.relu else None, [], "",
-        )  # fmt: skip
+        )
 
 
 class FusedResidualBlock(nn.Module):

@@ -30,7 +30,7 @@ def roi_align(
     `[R, C, output_size, output_size]`, as `torchvision.ops.roi_align` computes it."""
     if features.device.type != "cpu" or not (features.requires_grad and torch.is_grad_enabled()):
         return torchvision_roi_align(features, rois, output_size, spatial_scale=spatial_scale,
-                                     sampling_ratio=sampling_ratio, aligned=aligned)  # fmt: skip
+                                     sampling_ratio=sampling_ratio, aligned=aligned)
     return _RoIAlignCPU.apply(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
 
@@ -46,7 +46,7 @@ class _RoIAlignCPU(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             pooled = torchvision_roi_align(features.to(compute), rois.to(compute), output_size,
                                            spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                                           aligned=aligned)  # fmt: skip
+                                           aligned=aligned)
         return pooled.to(features.dtype)
 
     @staticmethod
@@ -60,7 +60,7 @@ class _RoIAlignCPU(torch.autograd.Function):
             return grad.new_zeros(ctx.feature_shape).to(ctx.feature_dtype), None, None, None, None, None
         weights_t = interpolation_matrix_t(rois.to(compute), feature_shape=(batch, height, width),
                                            output_size=output_size, spatial_scale=spatial_scale,
-                                           sampling_ratio=sampling_ratio, aligned=aligned)  # fmt: skip
+                                           sampling_ratio=sampling_ratio, aligned=aligned)
         rows = grad.permute(0, 2, 3, 1).reshape(-1, channels)  # [R * S * S, C], bins in (r, ph, pw) order
         grad_features = torch.sparse.mm(weights_t, rows)  # [B * H * W, C]
         grad_features = grad_features.view(batch, height, width, channels).permute(0, 3, 1, 2)

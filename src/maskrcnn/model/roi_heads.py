@@ -99,12 +99,12 @@ class MultiLevelRoIAlign(nn.Module):
         # Per level (4), or per level and share of its boxes when pooling in threads: (boxes, map, scale).
         shares = self.num_threads if self._in_threads(maps[0]) else 1
         jobs = [(share, feature_map, scale) for index, (feature_map, scale) in enumerate(zip(maps, scales))
-                for share in torch.where(level == index)[0].chunk(shares)]  # fmt: skip
+                for share in torch.where(level == index)[0].chunk(shares)]
 
         def pool(job: tuple[Tensor, Tensor, float]) -> Tensor:
             on_level, feature_map, scale = job
             return roi_align(feature_map, rois[on_level], self.output_size, spatial_scale=scale,
-                             sampling_ratio=self.sampling_ratio, aligned=self.aligned)  # fmt: skip
+                             sampling_ratio=self.sampling_ratio, aligned=self.aligned)
 
         results = map(pool, jobs) if shares == 1 else thread_pool(shares).map(pool, jobs)
         for (on_level, _, _), result in zip(jobs, results):
@@ -301,7 +301,7 @@ class RoIHeads(nn.Module):
             coords = torch.cat([_pad_points(t["point_coords"][m], width, 0.0) for t, m in zip(targets, matched)])
             point_labels = torch.cat([_pad_points(p[m], width, -1.0) for p, m in zip(point_labels, matched)])
             return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels),
-                                   average=self.point_loss_average)  # fmt: skip
+                                   average=self.point_loss_average)
         mask_size = mask_logits.shape[-1]
         aligned = self.mask_pooler.aligned
         per_image = [
@@ -356,7 +356,7 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
     def pooler(head) -> MultiLevelRoIAlign:  # every head's pooler: its own crop, one level mapping
         return MultiLevelRoIAlign(output_size=head.pooler_resolution, sampling_ratio=head.sampling_ratio,
                                   aligned=head.aligned, canonical_box_size=config.roi_canonical_box_size,
-                                  level_assignment=config.roi_level_assignment)  # fmt: skip
+                                  level_assignment=config.roi_level_assignment)
 
     heads: dict = {}
     if config.mask_head.enabled:

@@ -256,7 +256,7 @@ class RegionProposalNetwork(nn.Module):
                 ranking = torch.sigmoid(image_logits)
                 keep = keep[ranking[keep] >= self.score_thresh]
             keep = keep[batched_nms_top_k(image_boxes[keep], ranking[keep], levels[keep], self.nms_thresh,
-                                          self.post_nms_top_n[mode])]  # fmt: skip
+                                          self.post_nms_top_n[mode])]
             selected.append(image_boxes[keep])
             selected_logits.append(image_logits[keep])
         return selected, selected_logits
