@@ -34,7 +34,7 @@ def validation_files(checkpoint: dict, annotations: str | None, images: str | No
         from maskrcnn.data.shapes import ensure_shapes
 
         paths = ensure_shapes(data["root"], num_train=data["shapes_train_images"], num_val=data["shapes_val_images"],
-                              image_size=data["shapes_image_size"], seed=data["shapes_seed"])  # fmt: skip
+                              image_size=data["shapes_image_size"], seed=data["shapes_seed"])
         return paths["val_annotations"], paths["val_images"]
     if not data.get("val", {}).get("annotations"):
         raise SystemExit("bf16_accuracy: the checkpoint names no validation data: pass --annotations and --images")
@@ -55,7 +55,7 @@ def main() -> None:
     annotations, images = validation_files(checkpoint, args.annotations, args.images)
     dataset = CocoDataset(annotations, images)
     print(f"{args.weights}: {args.limit or len(dataset)} images of {annotations}; {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}, AMX bf16: {has_fast_bf16()}")  # fmt: skip
+          f"load average {os.getloadavg()[0]:.1f}, AMX bf16: {has_fast_bf16()}")
     indices = list(range(min(args.limit, len(dataset)))) if args.limit else None
     results = {}
     for mode in args.modes.split(","):

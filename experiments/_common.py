@@ -152,7 +152,7 @@ def config_differences(stored: dict, wanted: dict) -> list[str]:
     stored_flat, wanted_flat = _flat(stored), _flat(wanted)
     keys = sorted((set(stored_flat) | set(wanted_flat)) - {"train.output_dir"})
     return [f"{k}: {stored_flat.get(k)!r} -> {wanted_flat.get(k)!r}"
-            for k in keys if stored_flat.get(k) != wanted_flat.get(k)]  # fmt: skip
+            for k in keys if stored_flat.get(k) != wanted_flat.get(k)]
 
 
 def read_record(path: Path, config: Config) -> dict | None:
@@ -346,7 +346,7 @@ def filled_box_miou(coco, class_groups: dict[str, list[int]] | None, label_to_ca
         ious.append(float(mask_utils.iou(box, [coco.annToRLE(annotation)], [0])[0, 0]))
         categories.append(annotation["category_id"])
     category_groups = {group: [label_to_category[m] for m in members]
-                       for group, members in (class_groups or {}).items()}  # fmt: skip
+                       for group, members in (class_groups or {}).items()}
     return _group_means(torch.tensor(ious, dtype=torch.float64), torch.tensor(categories), category_groups)
 
 

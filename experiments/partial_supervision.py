@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_arguments(parser)
     parser.add_argument("--mask-classes", default="1,3,5",
-                        help="labels trained with masks (default: circle, triangle, hexagon)")  # fmt: skip
+                        help="labels trained with masks (default: circle, triangle, hexagon)")
     parser.add_argument("--resnet-blocks", type=int, default=8)
     parser.add_argument("--hourglass-levels", type=int, default=2,
-                        help="levels of the hourglass head (28 -> 14 -> 7 with 2)")  # fmt: skip
+                        help="levels of the hourglass head (28 -> 14 -> 7 with 2)")
     args = _common.parse_arguments(parser, argv, script=EXPERIMENT)
 
     mask_classes = [int(v) for v in args.mask_classes.split(",")]

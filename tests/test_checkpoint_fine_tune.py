@@ -135,10 +135,9 @@ def test_batchnorm_weights_load_into_frozen_batchnorm():
 def test_another_keypoint_count_restarts_only_the_keypoint_predictor():
     import dataclasses
 
-    from test_trainer import tiny_model_config
-
     from maskrcnn.checkpoint.fine_tune import load_fine_tuning_state
     from maskrcnn.model.mask_rcnn import build_model
+    from test_trainer import tiny_model_config
 
     config = tiny_model_config()
     source = build_model(config).state_dict()  # 4 keypoints
