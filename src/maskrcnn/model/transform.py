@@ -142,7 +142,8 @@ class ImageTransform(nn.Module):
             image = image * self.pixel_scale
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-        return (image - mean[:, None, None]) / std[:, None, None]
+        # in place on the difference: the same numbers, one full-size temporary fewer (a 4000 x 3000 image: 144 MB)
+        return (image - mean[:, None, None]).div_(std[:, None, None])
 
     def choose_min_size(self) -> int:
         if not self.training:
