@@ -65,3 +65,21 @@ def test_plot_training_curves_names_the_bad_line(tmp_path):
     metrics.write_text('{"iteration": 1, "loss": 1.0}\nnot json\n')
     with pytest.raises(ValueError, match="line 2"):
         plot_training_curves(metrics, tmp_path / "c.png")
+
+
+def test_overlay_masks_in_chunks_blends_like_torchvision_where_masks_do_not_overlap():
+    from torchvision.utils import draw_segmentation_masks
+
+    from maskrcnn.visualize import overlay_masks
+
+    generator = torch.Generator().manual_seed(0)
+    canvas = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=generator)
+    masks = torch.rand((3, 40, 50), generator=generator) > 0.6
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    ours = overlay_masks(canvas, [(0, masks[:2]), (2, masks[2:])], colors=colors)
+    reference = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colors)
+    once = masks.sum(0) == 1
+    assert torch.equal(ours[:, once], reference[:, once])
+    assert torch.equal(ours[:, ~masks.any(0)], canvas[:, ~masks.any(0)])
+    twice = masks[1] & masks[2]  # the later mask shows
+    assert torch.equal(ours[:, twice], ((canvas[:, twice].float() * 0.55 + torch.tensor([0, 0, 255.0])[:, None] * 0.45)).to(torch.uint8))

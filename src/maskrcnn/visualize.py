@@ -146,14 +146,16 @@ def overlay_masks(
     colors: Sequence[tuple[int, int, int]],
     alpha: float = 0.45,
 ) -> torch.Tensor:
-    """Blend masks into `canvas uint8 [3, H, W]`, as `draw_segmentation_masks` does, from chunks
-    `(start, bool [n, H, W])` of masks `start..start + n` (so that all N masks never have to be
-    dense at once); a later mask covers an earlier one. `colors[i]` is mask i's colour."""
+    """Blend masks into `canvas uint8 [3, H, W]` from chunks `(start, bool [n, H, W])` of masks
+    `start..start + n`, so that all N masks never have to be dense at once. The blend of
+    `draw_segmentation_masks`, except where masks overlap: the later one shows there (torchvision
+    paints overlaps black). `colors[i]` is mask i's colour."""
     layer = canvas.clone()
     covered = torch.zeros(canvas.shape[-2:], dtype=torch.bool)
     for start, masks in chunks:
-        for offset, mask in enumerate(masks.cpu()):  # drawing: one indexed write per mask
-            layer[:, mask] = torch.tensor(colors[start + offset], dtype=torch.uint8)[:, None]
+        for offset, mask in enumerate(masks.cpu()):  # drawing: one in-place fill per mask and channel
+            for channel, value in enumerate(colors[start + offset]):
+                layer[channel].masked_fill_(mask, value)
             covered |= mask
     out = canvas.clone()
     for rows in torch.arange(canvas.shape[-2]).split(256):  # float blending a band of rows at a time
