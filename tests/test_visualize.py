@@ -82,4 +82,4 @@ def test_overlay_masks_in_chunks_blends_like_torchvision_where_masks_do_not_over
     assert torch.equal(ours[:, once], reference[:, once])
     assert torch.equal(ours[:, ~masks.any(0)], canvas[:, ~masks.any(0)])
     twice = masks[1] & masks[2]  # the later mask shows
-    assert torch.equal(ours[:, twice], ((canvas[:, twice].float() * 0.55 + torch.tensor([0, 0, 255.0])[:, None] * 0.45)).to(torch.uint8))
+    assert torch.equal(ours[:, twice], (canvas[:, twice].float() * 0.55 + torch.tensor([0, 0, 255.0])[:, None] * 0.45).to(torch.uint8))
