@@ -132,7 +132,8 @@ def test_stride_in_1x1_moves_the_stride_to_the_first_conv():
 def test_other_widths_and_detectron2_frozen_bn():
     """Stem and stage widths of detectron2's RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS; the
     detectron2 FrozenBN is the same affine map as torchvision's, computed by F.batch_norm."""
-    from maskrcnn.model.backbone import DetectronFrozenBatchNorm2d, ResNetBody
+    from maskrcnn.model.backbone import ResNetBody
+    from maskrcnn.model.layers import DetectronFrozenBatchNorm2d
 
     body = ResNetBody(depth=101, norm="frozen_bn_detectron2", stem_channels=32, res2_channels=64, width_per_group=16)
     assert body.conv1.out_channels == 32 and body.out_channels == [64, 128, 256, 512]

@@ -19,7 +19,7 @@ HEADS = [ResidualMaskHead, HourglassMaskHead]
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_forward_backward_shapes(head_cls, norm, block):
     torch.manual_seed(0)
-    head = head_cls(in_channels=8, num_classes=3, conv_dim=16, num_convs=2, norm=norm, block=block)
+    head = head_cls(in_channels=8, out_channels=3, conv_dim=16, num_convs=2, norm=norm, block=block)
     features = torch.randn(5, 8, 14, 14, requires_grad=True)
     logits = head(features)
     assert logits.shape == (5, 3, 28, 28)
@@ -33,7 +33,7 @@ def test_forward_backward_shapes(head_cls, norm, block):
 
 @pytest.mark.parametrize("head_cls", HEADS)
 def test_empty_and_odd_sizes(head_cls):
-    head = head_cls(in_channels=4, num_classes=1, conv_dim=8, num_convs=3)
+    head = head_cls(in_channels=4, out_channels=1, conv_dim=8, num_convs=3)
     empty = head(torch.zeros(0, 4, 14, 14))
     assert empty.shape == (0, 1, 28, 28)
     # 7 x 7 crops are upsampled to 14, which goes 14 -> 7 -> 4 -> 2 in a 3-level hourglass and
@@ -57,7 +57,7 @@ def test_hourglass_runs_on_the_upsampled_grid(levels):
     """On 14 x 14 crops the hourglass works on the 28 x 28 mask grid: level l (0-based) receives
     ceil(28 / 2^l) and its down block hands ceil(28 / 2^(l + 1)) to the level below, so two levels
     bottom out at 7 x 7 (not 4 x 4, as when it ran on the crop itself)."""
-    head = HourglassMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=levels)
+    head = HourglassMaskHead(in_channels=4, out_channels=1, conv_dim=8, num_convs=levels)
     sizes = _block_input_sizes(head, torch.randn(2, 4, 14, 14))
     expected_levels = [math.ceil(28 / 2**level) for level in range(levels + 1)]  # 28, 14, 7, 4
     assert sorted(set(sizes), reverse=True) == expected_levels
@@ -65,7 +65,7 @@ def test_hourglass_runs_on_the_upsampled_grid(levels):
     # Per level: skip and down at its own size, up at the size below; plus one bottom block.
     assert len(sizes) == 3 * levels + 1
     # The residual head keeps the crop's resolution.
-    residual = ResidualMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=3)
+    residual = ResidualMaskHead(in_channels=4, out_channels=1, conv_dim=8, num_convs=3)
     assert _block_input_sizes(residual, torch.randn(2, 4, 14, 14)) == [14, 14, 14]
 
 
@@ -129,7 +129,7 @@ def test_basic_block_equals_torchvision():
 
 def test_init_like_the_fcn():
     torch.manual_seed(0)
-    head = ResidualMaskHead(in_channels=64, num_classes=5, conv_dim=64, num_convs=2, norm="none", block="basic")
+    head = ResidualMaskHead(in_channels=64, out_channels=5, conv_dim=64, num_convs=2, norm="none", block="basic")
     # kaiming normal, fan_out, ReLU gain: std = sqrt(2 / (out_channels * k * k))
     stem = head.stem[0]
     assert stem.bias is not None and stem.bias.abs().max() == 0
@@ -150,11 +150,11 @@ def test_init_like_the_fcn():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="norm"):
-        ResidualMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=1, norm="layer")
+        ResidualMaskHead(in_channels=4, out_channels=1, conv_dim=8, num_convs=1, norm="layer")
     with pytest.raises(ValueError, match="block"):
-        ResidualMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=1, block="dense")
+        ResidualMaskHead(in_channels=4, out_channels=1, conv_dim=8, num_convs=1, block="dense")
     with pytest.raises(ValueError, match="levels"):
-        HourglassMaskHead(in_channels=4, num_classes=1, conv_dim=8, num_convs=0)
+        HourglassMaskHead(in_channels=4, out_channels=1, conv_dim=8, num_convs=0)
 
 
 def _toy_problem():
@@ -176,7 +176,7 @@ def _toy_problem():
 def test_trains_on_toy_target(head_cls, norm):
     torch.manual_seed(0)
     features, targets = _toy_problem()
-    head = head_cls(in_channels=4, num_classes=1, conv_dim=16, num_convs=2, norm=norm)
+    head = head_cls(in_channels=4, out_channels=1, conv_dim=16, num_convs=2, norm=norm)
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
     losses = []
     for _ in range(25):
@@ -211,7 +211,7 @@ def test_hourglass_trains_at_the_experiments_width():
     bottleneck blocks) fits the toy masks on a tiny batch."""
     torch.manual_seed(0)
     features, targets = _toy_problem()
-    head = HourglassMaskHead(in_channels=4, num_classes=1, conv_dim=64, num_convs=2, norm="gn")
+    head = HourglassMaskHead(in_channels=4, out_channels=1, conv_dim=64, num_convs=2, norm="gn")
     optimizer = torch.optim.AdamW(head.parameters(), lr=2e-3)
     losses = []
     for _ in range(20):

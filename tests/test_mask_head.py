@@ -30,7 +30,7 @@ def _random_boxes(n: int, height: int, width: int, generator: torch.Generator, m
 
 def test_fcn_head_equals_torchvision_heads_and_predictor():
     torch.manual_seed(0)
-    ours = MaskFCNHead(in_channels=8, num_classes=4, conv_dim=16, num_convs=4)
+    ours = MaskFCNHead(in_channels=8, out_channels=4, conv_dim=16, num_convs=4)
     tv_head = MaskRCNNHeads(8, [16] * 4, 1)
     tv_predictor = MaskRCNNPredictor(16, 16, 4)
     # The module docstring's name mapping.

@@ -359,7 +359,7 @@ _FLOAT32_MAX = 3.4028234663852886e38  # weights and optimizer states are float32
 # key -> the values it may take
 _CHOICES: dict[str, tuple] = {
     "model.backbone.depth": (18, 34, 50, 101, 152),
-    "model.backbone.norm": ("frozen_bn", "frozen_bn_detectron2", "bn", "gn"),  # model/backbone.py NORMS
+    "model.backbone.norm": ("frozen_bn", "frozen_bn_detectron2", "bn", "gn"),  # model/layers.py BACKBONE_NORMS
     "model.backbone.fpn_norm": ("none", "bn", "gn"),
     "model.transform.channel_order": ("RGB", "BGR"),
     "model.transform.size_rounding": ("floor", "round"),

@@ -11,52 +11,32 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet
-from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.model.box_head import make_norm
+from maskrcnn.model.layers import (
+    BACKBONE_NORMS,
+    FPN_LEVEL_NAMES,
+    HEAD_NORMS,
+    check_norm,
+    norm_layer,
+)
 
 RESNETS: dict[int, Callable[..., resnet.ResNet]] = {18: resnet.resnet18, 34: resnet.resnet34}  # basic blocks
 # The stages that `trainable_stages` unfreezes, from the top: 1 = layer4 only, ..., 5 = everything.
 STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
 # Bottleneck blocks per stage (res2..res5) of the deeper ResNets.
 BOTTLENECK_BLOCKS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-GROUP_NORM_GROUPS = 32
-
-
-class DetectronFrozenBatchNorm2d(FrozenBatchNorm2d):
-    """torchvision's FrozenBatchNorm2d (same buffers, same eps) computed as detectron2 computes
-    it at inference: one `F.batch_norm` call, whose rounding differs from torchvision's
-    `x * scale + shift` in the last bits; through a ResNet-101 that is 1e-3 px on the boxes and
-    flips near-tied keypoint maxima, so detectron2's weights reproduce its outputs only this way."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
-
-
-NORMS = ("frozen_bn", "frozen_bn_detectron2", "bn", "gn")
 
 
 def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
-    """"frozen_bn" for pretrained weights (batch statistics of a few images per GPU would be too
-    noisy to train; "frozen_bn_detectron2" is the same with detectron2's arithmetic), "bn" or "gn"
-    (32 groups) when training from scratch."""
-    match norm:
-        case "frozen_bn":
-            return FrozenBatchNorm2d
-        case "frozen_bn_detectron2":
-            return DetectronFrozenBatchNorm2d
-        case "bn":
-            return nn.BatchNorm2d
-        case "gn":
-            return lambda channels: nn.GroupNorm(GROUP_NORM_GROUPS, channels)
-        case _:
-            raise ValueError(f"backbone norm {norm!r} is not one of {', '.join(map(repr, NORMS))}")
+    """The backbone's norm layer builder (channels -> layer), one of BACKBONE_NORMS (model/layers.py)."""
+    check_norm(norm, allowed=BACKBONE_NORMS, what="backbone norm")
+    return partial(norm_layer, norm)
 
 
 class Bottleneck(nn.Module):
@@ -174,8 +154,9 @@ class FPN(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
         # Identity (no parameters, so v1 state dicts keep their keys) when there is no norm
-        self.lateral_norms = nn.ModuleList(make_norm(norm, out_channels) or nn.Identity() for _ in in_channels)
-        self.output_norms = nn.ModuleList(make_norm(norm, out_channels) or nn.Identity() for _ in in_channels)
+        check_norm(norm, allowed=HEAD_NORMS, what="backbone fpn_norm")
+        self.lateral_norms = nn.ModuleList(norm_layer(norm, out_channels) for _ in in_channels)
+        self.output_norms = nn.ModuleList(norm_layer(norm, out_channels) for _ in in_channels)
 
     def _lateral(self, level: int, feature: Tensor) -> Tensor:
         return self.lateral_norms[level](self.lateral_convs[level](feature))
@@ -200,7 +181,7 @@ class FPN(nn.Module):
 class ResNetFPN(nn.Module):
     """ResNet body + FPN: `[B, 3, H, W]` -> {"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}."""
 
-    feature_names = ("0", "1", "2", "3", "pool")
+    feature_names = FPN_LEVEL_NAMES
     strides = (4, 8, 16, 32, 64)
 
     def __init__(

@@ -16,42 +16,15 @@ plain tensors. `K` is the number of foreground classes; column 0 is background e
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from maskrcnn.model.box_ops import BoxCoder, batched_nms_top_k
+from maskrcnn.model.layers import conv3x3_norm_relu
 
-NORMS = ("none", "bn", "gn")
 BOX_POSTPROCESSES = ("torchvision", "detectron2")
-
-
-def make_norm(norm: str, channels: int) -> nn.Module | None:
-    """The normalisation layer after a head's conv: None ("none"), BatchNorm ("bn") or GroupNorm
-    ("gn", 32 groups, fewer when `channels` is not a multiple of 32)."""
-    match norm:
-        case "none":
-            return None
-        case "bn":
-            return nn.BatchNorm2d(channels)
-        case "gn":
-            return nn.GroupNorm(math.gcd(32, channels), channels)
-        case _:
-            raise ValueError(f"head norm must be one of {NORMS}, got {norm!r}")
-
-
-def conv3x3_norm_relu(in_channels: int, out_channels: int, norm: str) -> Conv2dNormActivation:
-    """conv3x3 (+ norm) + ReLU as one block whose children are `0` (conv) and `1` (norm), the same
-    names as torchvision's heads. The conv has a bias only without a norm (a norm cancels it)."""
-    norm_layer = None if norm == "none" else (lambda channels: make_norm(norm, channels))
-    block = Conv2dNormActivation(in_channels, out_channels, kernel_size=3, norm_layer=norm_layer)
-    nn.init.kaiming_normal_(block[0].weight, mode="fan_out", nonlinearity="relu")
-    if block[0].bias is not None:
-        nn.init.zeros_(block[0].bias)
-    return block
 
 
 class BoxHead(nn.Module):
@@ -151,12 +124,12 @@ def box_inference(
     """
     if postprocess not in BOX_POSTPROCESSES:
         raise ValueError(f"box_head.postprocess must be one of {BOX_POSTPROCESSES}, got {postprocess!r}")
-    num_classes = class_logits.shape[-1]  # K + 1
+    out_channels = class_logits.shape[-1]  # K + 1 (background first)
     boxes_all = box_coder.decode(box_deltas, torch.cat(proposals))  # [R, K + 1, 4]
     scores_all = F.softmax(class_logits, dim=-1)  # [R, K + 1]
     sizes = [len(p) for p in proposals]
     # The background column and the suppressed ones are dropped; every other (proposal, class) pair is a candidate.
-    classes = torch.tensor([c for c in range(1, num_classes) if c not in suppressed_labels],
+    classes = torch.tensor([c for c in range(1, out_channels) if c not in suppressed_labels],
                            dtype=torch.int64, device=scores_all.device)
 
     detections = []

@@ -11,14 +11,15 @@ Both heads share the FCN's contract, so `mask_head.build_mask_head` can choose a
 name:
 
     features: Tensor  # [R, in_channels, S, S]  RoIAligned features (S = pooler resolution, 14)
-    head(features) -> Tensor  # [R, num_classes, 2S, 2S]  mask logits; the 2x upsampling is a
+    head(features) -> Tensor  # [R, out_channels, 2S, 2S]  mask logits; the 2x upsampling is a
                               # transposed conv 2x2 / stride 2, exactly as in the FCN
 
-`num_classes` is 1 for class-agnostic masks (what the partially supervised setting needs).
+`out_channels` is K + 1 (one mask per class, background included, channel = label) or 1 for
+class-agnostic masks (what the partially supervised setting needs).
 
 Layers (parameter names): `stem` (conv3x3 in_channels -> conv_dim [+ norm] + ReLU), `body` (the
 residual blocks, or the outermost HourglassLevel), `deconv` (ConvTranspose2d conv_dim -> conv_dim,
-2x2, s2), `predictor` (conv1x1 conv_dim -> num_classes). No torchvision counterpart.
+2x2, s2), `predictor` (conv1x1 conv_dim -> out_channels). No torchvision counterpart.
 
 Order: the residual head runs its blocks on the S x S crop, then upsamples (stem -> body ->
 deconv -> predictor, as the FCN); the hourglass upsamples first and runs on the 2S x 2S mask grid
@@ -29,36 +30,12 @@ levels go 28 -> 14 -> 7, so that its coarsest level sees the crop at half its re
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NORMS = ("none", "gn", "bn")
+from maskrcnn.model.layers import HEAD_NORMS, check_norm, conv, norm_layer
+
 BLOCKS = ("bottleneck", "basic")
-
-
-def _norm_layer(norm: str, channels: int) -> nn.Module:
-    if norm == "none":
-        return nn.Identity()
-    if norm == "bn":
-        return nn.BatchNorm2d(channels)
-    if norm == "gn":
-        # 32 groups as in GroupNorm's paper, fewer when the width does not allow it.
-        return nn.GroupNorm(math.gcd(32, channels), channels)
-    raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int, *, norm: str, stride: int = 1) -> nn.Conv2d:
-    # A bias in front of a norm layer is cancelled by the norm's mean subtraction: leave it out.
-    return nn.Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=kernel_size // 2,
-        bias=norm == "none",
-    )
 
 
 class ResidualBlock(nn.Module):
@@ -74,30 +51,30 @@ class ResidualBlock(nn.Module):
         super().__init__()
         if block == "basic":
             layers = [
-                _conv(channels, channels, 3, norm=norm, stride=stride),
-                _norm_layer(norm, channels),
+                conv(channels, channels, 3, norm=norm, stride=stride),
+                norm_layer(norm, channels),
                 nn.ReLU(inplace=True),
-                _conv(channels, channels, 3, norm=norm),
-                _norm_layer(norm, channels),
+                conv(channels, channels, 3, norm=norm),
+                norm_layer(norm, channels),
             ]
         elif block == "bottleneck":
             inner = max(channels // 4, 1)
             layers = [
-                _conv(channels, inner, 1, norm=norm),
-                _norm_layer(norm, inner),
+                conv(channels, inner, 1, norm=norm),
+                norm_layer(norm, inner),
                 nn.ReLU(inplace=True),
-                _conv(inner, inner, 3, norm=norm, stride=stride),
-                _norm_layer(norm, inner),
+                conv(inner, inner, 3, norm=norm, stride=stride),
+                norm_layer(norm, inner),
                 nn.ReLU(inplace=True),
-                _conv(inner, channels, 1, norm=norm),
-                _norm_layer(norm, channels),
+                conv(inner, channels, 1, norm=norm),
+                norm_layer(norm, channels),
             ]
         else:
             raise ValueError(f"residual block must be one of {BLOCKS}, got {block!r}")
         self.branch = nn.Sequential(*layers)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1:
-            self.shortcut = nn.Sequential(_conv(channels, channels, 1, norm=norm, stride=stride), _norm_layer(norm, channels))
+            self.shortcut = nn.Sequential(conv(channels, channels, 1, norm=norm, stride=stride), norm_layer(norm, channels))
 
     def forward(self, x: Tensor) -> Tensor:  # [R, C, H, W] -> [R, C, H / stride, W / stride]
         return F.relu(self.branch(x) + self.shortcut(x))
@@ -125,27 +102,22 @@ class HourglassLevel(nn.Module):
         return self.skip(x) + F.interpolate(low, size=x.shape[-2:], mode="nearest")
 
 
-def _check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"mask head norm must be one of {NORMS}, got {norm!r}")
-
-
 class _MaskHeadBase(nn.Module):
     """stem -> body -> transposed conv (2x) -> ReLU -> 1x1 predictor (or, with `body_after_upsampling`,
     stem -> transposed conv -> ReLU -> body -> predictor), initialised like the FCN except for the
     predictor (see `_init_weights`)."""
 
     def __init__(
-        self, *, in_channels: int, num_classes: int, conv_dim: int, norm: str, body: nn.Module,
+        self, *, in_channels: int, out_channels: int, conv_dim: int, norm: str, body: nn.Module,
         body_after_upsampling: bool = False,
     ) -> None:
         super().__init__()
-        _check_norm(norm)
+        check_norm(norm, allowed=HEAD_NORMS, what="mask head norm")
         self.body_after_upsampling = body_after_upsampling
-        self.stem = nn.Sequential(_conv(in_channels, conv_dim, 3, norm=norm), _norm_layer(norm, conv_dim), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(conv(in_channels, conv_dim, 3, norm=norm), norm_layer(norm, conv_dim), nn.ReLU(inplace=True))
         self.body = body
         self.deconv = nn.ConvTranspose2d(conv_dim, conv_dim, kernel_size=2, stride=2)
-        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        self.predictor = nn.Conv2d(conv_dim, out_channels, kernel_size=1)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -172,7 +144,7 @@ class _MaskHeadBase(nn.Module):
                 nn.init.zeros_(last.weight)
 
     def forward(self, features: Tensor) -> Tensor:
-        """features: [R, in_channels, S, S] -> mask logits [R, num_classes, 2S, 2S]."""
+        """features: [R, in_channels, S, S] -> mask logits [R, out_channels, 2S, 2S]."""
         x = self.stem(features)  # [R, conv_dim, S, S]
         if self.body_after_upsampling:
             x = self.body(F.relu(self.deconv(x)))  # [R, conv_dim, 2S, 2S]
@@ -186,7 +158,7 @@ class ResidualMaskHead(_MaskHeadBase):
 
     Args:
         in_channels: channels of the pooled RoI features (the FPN width).
-        num_classes: output channels: foreground classes, or 1 for class-agnostic masks.
+        out_channels: one per class, background included (K + 1), or 1 for class-agnostic masks.
         conv_dim: width of the head.
         num_convs: number of residual blocks (the paper goes up to dozens; 0 leaves stem + deconv).
         norm: "none" | "gn" | "bn".
@@ -197,7 +169,7 @@ class ResidualMaskHead(_MaskHeadBase):
         self,
         *,
         in_channels: int,
-        num_classes: int,
+        out_channels: int,
         conv_dim: int,
         num_convs: int,
         norm: str = "none",
@@ -205,9 +177,9 @@ class ResidualMaskHead(_MaskHeadBase):
     ) -> None:
         if num_convs < 0:
             raise ValueError(f"resnet mask head: num_convs (residual blocks) must be >= 0, got {num_convs}")
-        _check_norm(norm)
+        check_norm(norm, allowed=HEAD_NORMS, what="mask head norm")
         body = nn.Sequential(*(ResidualBlock(channels=conv_dim, block=block, norm=norm) for _ in range(num_convs)))
-        super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, conv_dim=conv_dim, norm=norm, body=body)
 
 
 class HourglassMaskHead(_MaskHeadBase):
@@ -217,7 +189,7 @@ class HourglassMaskHead(_MaskHeadBase):
     blocks (skip, down, up) plus the next level, or a bottom block at the last one.
 
     Args:
-        in_channels, num_classes, conv_dim, norm: as ResidualMaskHead.
+        in_channels, out_channels, conv_dim, norm: as ResidualMaskHead.
         num_convs: number of levels (>= 1); each one halves the resolution once.
         block: "bottleneck" or "basic" residual blocks.
     """
@@ -226,7 +198,7 @@ class HourglassMaskHead(_MaskHeadBase):
         self,
         *,
         in_channels: int,
-        num_classes: int,
+        out_channels: int,
         conv_dim: int,
         num_convs: int,
         norm: str = "none",
@@ -234,7 +206,7 @@ class HourglassMaskHead(_MaskHeadBase):
     ) -> None:
         if num_convs < 1:
             raise ValueError(f"hourglass mask head: num_convs (levels) must be >= 1, got {num_convs}")
-        _check_norm(norm)
+        check_norm(norm, allowed=HEAD_NORMS, what="mask head norm")
         body = HourglassLevel(channels=conv_dim, levels=num_convs, block=block, norm=norm)
-        super().__init__(in_channels=in_channels, num_classes=num_classes, conv_dim=conv_dim, norm=norm, body=body,
+        super().__init__(in_channels=in_channels, out_channels=out_channels, conv_dim=conv_dim, norm=norm, body=body,
                          body_after_upsampling=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from maskrcnn.model.box_head import conv3x3_norm_relu
+from maskrcnn.model.layers import conv3x3_norm_relu
 from maskrcnn.model.threads import thread_pool
 
 MASK_ARCHITECTURES = ("fcn", "deep_fcn", "resnet", "hourglass")
@@ -29,12 +29,12 @@ _WIDTH_GROUPS = 4  # paste_masks pastes masks in this many groups of similar wid
 class MaskFCNHead(nn.Module):
     """`num_convs` x (conv3x3 + norm + ReLU), ConvTranspose 2x2 stride 2 + ReLU, conv1x1 predictor.
 
-    features: `[R, in_channels, S, S]` -> logits `[R, num_classes, 2S, 2S]` (`num_classes` output
-    channels: K + 1 per-class masks, or 1 class-agnostic).
+    features: `[R, in_channels, S, S]` -> logits `[R, out_channels, 2S, 2S]` (`out_channels`:
+    K + 1 per-class masks, or 1 class-agnostic).
     """
 
     def __init__(
-        self, *, in_channels: int, num_classes: int, conv_dim: int = 256, num_convs: int = 4, norm: str = "none"
+        self, *, in_channels: int, out_channels: int, conv_dim: int = 256, num_convs: int = 4, norm: str = "none"
     ) -> None:
         super().__init__()
         self.convs = nn.Sequential(
@@ -42,7 +42,7 @@ class MaskFCNHead(nn.Module):
         )
         deconv_in = conv_dim if num_convs > 0 else in_channels
         self.deconv = nn.ConvTranspose2d(deconv_in, conv_dim, kernel_size=2, stride=2)
-        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        self.predictor = nn.Conv2d(conv_dim, out_channels, kernel_size=1)
         # torchvision's initialisation: kaiming (fan_out) weights, default biases for these two.
         nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
@@ -74,20 +74,20 @@ def build_mask_head(
     match architecture:
         case "fcn" | "deep_fcn":
             return MaskFCNHead(
-                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
+                in_channels=in_channels, out_channels=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm
             )
         case "resnet":
             from maskrcnn.model.mask_architectures import ResidualMaskHead
 
             return ResidualMaskHead(
-                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm,
+                in_channels=in_channels, out_channels=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm,
                 block=block,
             )
         case "hourglass":
             from maskrcnn.model.mask_architectures import HourglassMaskHead
 
             return HourglassMaskHead(
-                in_channels=in_channels, num_classes=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm,
+                in_channels=in_channels, out_channels=out_channels, conv_dim=conv_dim, num_convs=num_convs, norm=norm,
                 block=block,
             )
         case _:

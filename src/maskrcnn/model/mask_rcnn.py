@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RPNConfig
 from .backbone import ResNetFPN
 from .mask_head import paste_masks, paste_masks_per_box
 from .roi_heads import build_roi_heads
@@ -238,6 +238,32 @@ def _describe_image(index: int, target: object) -> str:
 
 
 # --------------------------------------------------------------------------- building
+def _build_rpn(rpn_config: RPNConfig, backbone: ResNetFPN) -> RegionProposalNetwork:
+    """The RPN over the backbone's levels (their channels and strides), from `model.rpn`."""
+    return RegionProposalNetwork(
+        in_channels=backbone.out_channels,
+        anchor_sizes=rpn_config.anchor_sizes,
+        num_convs=rpn_config.num_convs,
+        aspect_ratios=rpn_config.aspect_ratios,
+        pre_nms_top_n_train=rpn_config.pre_nms_top_n_train,
+        pre_nms_top_n_test=rpn_config.pre_nms_top_n_test,
+        post_nms_top_n_train=rpn_config.post_nms_top_n_train,
+        post_nms_top_n_test=rpn_config.post_nms_top_n_test,
+        nms_thresh=rpn_config.nms_thresh,
+        score_thresh=rpn_config.score_thresh,
+        fg_iou_thresh=rpn_config.fg_iou_thresh,
+        bg_iou_thresh=rpn_config.bg_iou_thresh,
+        batch_size_per_image=rpn_config.batch_size_per_image,
+        positive_fraction=rpn_config.positive_fraction,
+        crowd_ioa_thresh=rpn_config.crowd_ioa_thresh,
+        strides=backbone.strides,
+        anchor_convention=rpn_config.anchor_convention,
+        anchor_offset=rpn_config.anchor_offset,
+        min_proposal_size=rpn_config.min_proposal_size,
+        proposal_selection=rpn_config.proposal_selection,
+    )
+
+
 def build_model(config: ModelConfig) -> MaskRCNN:
     """Plain construction from the config: ResNet-FPN, RPN, and the RoI heads that are enabled."""
     transform = ImageTransform(
@@ -264,29 +290,7 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         width_per_group=config.backbone.width_per_group,
         stride_in_1x1=config.backbone.stride_in_1x1,
     )
-    rpn_config = config.rpn
-    rpn = RegionProposalNetwork(
-        in_channels=backbone.out_channels,
-        anchor_sizes=rpn_config.anchor_sizes,
-        num_convs=rpn_config.num_convs,
-        aspect_ratios=rpn_config.aspect_ratios,
-        pre_nms_top_n_train=rpn_config.pre_nms_top_n_train,
-        pre_nms_top_n_test=rpn_config.pre_nms_top_n_test,
-        post_nms_top_n_train=rpn_config.post_nms_top_n_train,
-        post_nms_top_n_test=rpn_config.post_nms_top_n_test,
-        nms_thresh=rpn_config.nms_thresh,
-        score_thresh=rpn_config.score_thresh,
-        fg_iou_thresh=rpn_config.fg_iou_thresh,
-        bg_iou_thresh=rpn_config.bg_iou_thresh,
-        batch_size_per_image=rpn_config.batch_size_per_image,
-        positive_fraction=rpn_config.positive_fraction,
-        crowd_ioa_thresh=rpn_config.crowd_ioa_thresh,
-        strides=backbone.strides,
-        anchor_convention=rpn_config.anchor_convention,
-        anchor_offset=rpn_config.anchor_offset,
-        min_proposal_size=rpn_config.min_proposal_size,
-        proposal_selection=rpn_config.proposal_selection,
-    )
+    rpn = _build_rpn(config.rpn, backbone)
     roi_heads = build_roi_heads(config, in_channels=backbone.out_channels)
 
     mask_supervision = None

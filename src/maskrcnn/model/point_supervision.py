@@ -48,6 +48,20 @@ def point_coords_in_roi(boxes: Tensor, point_coords: Tensor) -> tuple[Tensor, Te
     return grid, inside
 
 
+def _check_point_shapes(mask_logits: Tensor, boxes: Tensor, point_coords: Tensor, point_labels: Tensor) -> None:
+    num_rois = mask_logits.shape[0]
+    if boxes.shape[0] != num_rois or point_coords.shape[:1] != (num_rois,) or point_labels.shape[0] != num_rois:
+        raise ValueError(
+            f"point_mask_loss: mask_logits has {num_rois} RoIs but boxes {tuple(boxes.shape)}, "
+            f"point_coords {tuple(point_coords.shape)}, point_labels {tuple(point_labels.shape)}"
+        )
+    if point_coords.shape[1:] != (point_labels.shape[1], 2):
+        raise ValueError(
+            f"point_mask_loss: point_coords must be [R, P, 2] and point_labels [R, P], got "
+            f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}"
+        )
+
+
 def point_mask_loss(
     mask_logits: Tensor,
     boxes: Tensor,
@@ -77,17 +91,8 @@ def point_mask_loss(
     """
     if average not in POINT_LOSS_AVERAGES:
         raise ValueError(f"point_mask_loss: average must be one of {POINT_LOSS_AVERAGES}, got {average!r}")
+    _check_point_shapes(mask_logits, boxes, point_coords, point_labels)
     num_rois, num_channels = mask_logits.shape[:2]
-    if boxes.shape[0] != num_rois or point_coords.shape[:1] != (num_rois,) or point_labels.shape[0] != num_rois:
-        raise ValueError(
-            f"point_mask_loss: mask_logits has {num_rois} RoIs but boxes {tuple(boxes.shape)}, "
-            f"point_coords {tuple(point_coords.shape)}, point_labels {tuple(point_labels.shape)}"
-        )
-    if point_coords.shape[1:] != (point_labels.shape[1], 2):
-        raise ValueError(
-            f"point_mask_loss: point_coords must be [R, P, 2] and point_labels [R, P], got "
-            f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}"
-        )
     if num_rois == 0 or point_labels.shape[1] == 0:
         return mask_logits.sum() * 0.0
 
@@ -138,3 +143,31 @@ def sample_point_subset(point_labels: Tensor, k: int, generator: torch.Generator
     rank = scores.argsort(dim=1, descending=True).argsort(dim=1)  # [N, P] 0 = highest score
     keep = labelled & (rank < k)
     return torch.where(keep, point_labels, torch.full_like(point_labels, -1))
+
+
+def points_of_rois(
+    targets: list[dict], matched: list[Tensor], *, points_per_instance: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The labelled points of the instances that train the mask head, one row per RoI.
+
+    targets: per image `point_coords [N, P_i, 2]` and `point_labels [N, P_i]`; matched: per image
+    `[R_i]` the instance of each RoI. With `points_per_instance`, each image's labels are first
+    subsampled (`sample_point_subset`). Returns coords `[R, P, 2]` and labels `[R, P]`: images carry
+    different numbers of points (an image without objects has `[0, 0, 2]`), so rows are padded to
+    the batch's largest count with label -1, which the loss ignores.
+    """
+    labels = [t["point_labels"] for t in targets]
+    if points_per_instance is not None:
+        labels = [sample_point_subset(p, points_per_instance) for p in labels]
+    width = max(p.shape[1] for p in labels)
+    coords = torch.cat([_pad_points(t["point_coords"][m], width, 0.0) for t, m in zip(targets, matched)])
+    return coords, torch.cat([_pad_points(p[m], width, -1.0) for p, m in zip(labels, matched)])
+
+
+def _pad_points(values: Tensor, width: int, fill: float) -> Tensor:
+    """Pad `[R, P, ...]` point coordinates or labels along P to `width` with `fill`."""
+    missing = width - values.shape[1]
+    if missing == 0:
+        return values
+    padding = values.new_full((values.shape[0], missing, *values.shape[2:]), fill)
+    return torch.cat([values, padding], dim=1)

@@ -30,12 +30,12 @@ from maskrcnn.model.box_ops import (
     ignore_crowd,
 )
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
+from maskrcnn.model.layers import ROI_LEVEL_NAMES
 from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets, mask_training_rois
-from maskrcnn.model.point_supervision import POINT_LOSS_AVERAGES, point_mask_loss, sample_point_subset
+from maskrcnn.model.point_supervision import POINT_LOSS_AVERAGES, point_mask_loss, points_of_rois
 from maskrcnn.model.roi_align import roi_align
 from maskrcnn.model.threads import thread_pool
 
-FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5 (P6 only feeds the RPN)
 LEVEL_ASSIGNMENTS = ("torchvision", "detectron2")
 
 
@@ -57,7 +57,7 @@ class MultiLevelRoIAlign(nn.Module):
     def __init__(
         self,
         *,
-        featmap_names: tuple[str, ...] = FPN_LEVEL_NAMES,
+        featmap_names: tuple[str, ...] = ROI_LEVEL_NAMES,
         output_size: int,
         sampling_ratio: int,
         aligned: bool,
@@ -292,14 +292,7 @@ class RoIHeads(nn.Module):
         )
         mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [R, C, M, M]
         if self.point_supervision:
-            point_labels = [t["point_labels"] for t in targets]
-            if self.points_per_instance is not None:
-                point_labels = [sample_point_subset(p, self.points_per_instance) for p in point_labels]
-            # Images carry different numbers of points (an image without objects has [0, 0, 2]):
-            # pad to the batch's largest count with label -1, which the loss ignores.
-            width = max(p.shape[1] for p in point_labels)
-            coords = torch.cat([_pad_points(t["point_coords"][m], width, 0.0) for t, m in zip(targets, matched)])
-            point_labels = torch.cat([_pad_points(p[m], width, -1.0) for p, m in zip(point_labels, matched)])
+            coords, point_labels = points_of_rois(targets, matched, points_per_instance=self.points_per_instance)
             return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels),
                                    average=self.point_loss_average)
         mask_size = mask_logits.shape[-1]
@@ -340,61 +333,47 @@ class RoIHeads(nn.Module):
         return keypoint_loss(heatmaps, torch.cat([t for t, _ in per_image]), torch.cat([v for _, v in per_image]))
 
 
-def _pad_points(values: Tensor, width: int, fill: float) -> Tensor:
-    """Pad `[R, P, ...]` point coordinates or labels along P to `width` with `fill`."""
-    missing = width - values.shape[1]
-    if missing == 0:
-        return values
-    padding = values.new_full((values.shape[0], missing, *values.shape[2:]), fill)
-    return torch.cat([values, padding], dim=1)
+def _pooler(config: ModelConfig, head) -> MultiLevelRoIAlign:
+    """A head's pooler: its own crop (resolution, sampling, alignment), the model's level mapping."""
+    return MultiLevelRoIAlign(output_size=head.pooler_resolution, sampling_ratio=head.sampling_ratio,
+                              aligned=head.aligned, canonical_box_size=config.roi_canonical_box_size,
+                              level_assignment=config.roi_level_assignment)
+
+
+def _mask_parts(config: ModelConfig, *, in_channels: int) -> dict:
+    """RoIHeads' mask arguments from `model.mask_head` (none when the head is disabled)."""
+    mask = config.mask_head
+    if not mask.enabled:
+        return {}
+    head = build_mask_head(
+        architecture=mask.architecture, in_channels=in_channels, num_classes=config.num_classes,
+        conv_dim=mask.conv_dim, num_convs=mask.num_convs, norm=mask.norm, class_agnostic=mask.class_agnostic,
+        block=mask.block,
+    )
+    return dict(
+        mask_pooler=_pooler(config, mask), mask_head=head, mask_train_on=mask.train_on,
+        gt_box_jitter=mask.gt_box_jitter, mask_classes=mask.mask_classes, point_supervision=mask.point_supervision,
+        points_per_instance=mask.points_per_instance, point_loss_average=mask.point_loss_average,
+    )
+
+
+def _keypoint_parts(config: ModelConfig, *, in_channels: int) -> dict:
+    """RoIHeads' keypoint arguments from `model.keypoint_head` (none when the head is disabled)."""
+    keypoint = config.keypoint_head
+    if not keypoint.enabled:
+        return {}
+    head = KeypointHead(in_channels=in_channels, num_keypoints=keypoint.num_keypoints, conv_dim=keypoint.conv_dim,
+                        num_convs=keypoint.num_convs)
+    return dict(keypoint_pooler=_pooler(config, keypoint), keypoint_head=head,
+                keypoint_loss_weight=keypoint.loss_weight, keypoint_decoding=keypoint.decoding)
 
 
 def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
     """The RoI heads a `ModelConfig` describes, on FPN features of `in_channels` channels."""
     box = config.box_head
-
-    def pooler(head) -> MultiLevelRoIAlign:  # every head's pooler: its own crop, one level mapping
-        return MultiLevelRoIAlign(output_size=head.pooler_resolution, sampling_ratio=head.sampling_ratio,
-                                  aligned=head.aligned, canonical_box_size=config.roi_canonical_box_size,
-                                  level_assignment=config.roi_level_assignment)
-
-    heads: dict = {}
-    if config.mask_head.enabled:
-        mask = config.mask_head
-        heads.update(
-            mask_pooler=pooler(mask),
-            mask_head=build_mask_head(
-                architecture=mask.architecture,
-                in_channels=in_channels,
-                num_classes=config.num_classes,
-                conv_dim=mask.conv_dim,
-                num_convs=mask.num_convs,
-                norm=mask.norm,
-                class_agnostic=mask.class_agnostic,
-                block=mask.block,
-            ),
-            mask_train_on=mask.train_on,
-            gt_box_jitter=mask.gt_box_jitter,
-            mask_classes=mask.mask_classes,
-            point_supervision=mask.point_supervision,
-            points_per_instance=mask.points_per_instance,
-            point_loss_average=mask.point_loss_average,
-        )
-    if config.keypoint_head.enabled:
-        keypoint = config.keypoint_head
-        heads.update(
-            keypoint_pooler=pooler(keypoint),
-            keypoint_head=KeypointHead(
-                in_channels=in_channels,
-                num_keypoints=keypoint.num_keypoints,
-                conv_dim=keypoint.conv_dim,
-                num_convs=keypoint.num_convs,
-            ),
-            keypoint_loss_weight=keypoint.loss_weight,
-            keypoint_decoding=keypoint.decoding,
-        )
+    heads = {**_mask_parts(config, in_channels=in_channels), **_keypoint_parts(config, in_channels=in_channels)}
     return RoIHeads(
-        box_pooler=pooler(box),
+        box_pooler=_pooler(config, box),
         box_head=BoxHead(
             in_channels=in_channels,
             resolution=box.pooler_resolution,
