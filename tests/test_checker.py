@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import io
 import json
 
-from maskrcnn.data import checker, shapes
+from maskrcnn.cli import main
+from maskrcnn.data import shapes
 from test_coco import _coco_file
 
 
 def _run(*argv: str) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser()
-    checker.add_arguments(parser)
     out, err = io.StringIO(), io.StringIO()
-    code = checker.run(parser.parse_args(list(argv)), out=out, err=err)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check-data", *argv])
     return code, out.getvalue(), err.getvalue()
 
 

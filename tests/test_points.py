@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -12,7 +11,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from maskrcnn.data.points import PointSimulationError, add_arguments, run, simulate_points
+from maskrcnn.cli import main
+from maskrcnn.data.points import PointSimulationError, simulate_points
 
 HEIGHT, WIDTH = 24, 32
 
@@ -160,21 +160,17 @@ def test_bad_input_names_the_problem():
 def test_command_line(tmp_path, capsys):
     source = tmp_path / "in.json"
     source.write_text(json.dumps(_coco()))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     out = tmp_path / "sub" / "out.json"
-    args = parser.parse_args([str(source), "--num-points", "6", "--out", str(out), "--seed", "2"])
     with pytest.warns(UserWarning):
-        assert run(args) == 0
+        assert main(["points", str(source), "--num-points", "6", "--out", str(out), "--seed", "2"]) == 0
     written = json.loads(out.read_text())
     with pytest.warns(UserWarning):
         assert written == json.loads(json.dumps(simulate_points(_coco(), num_points=6, seed=2)))
     assert "3 of 5 annotations with 6 points each" in capsys.readouterr().out
 
-    missing = parser.parse_args([str(tmp_path / "nope.json"), "--out", str(out)])
-    assert run(missing) == 2
+    assert main(["points", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "nope.json" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert run(parser.parse_args([str(broken), "--out", str(out)])) == 2
+    assert main(["points", str(broken), "--out", str(out)]) == 2
     assert "not valid JSON" in capsys.readouterr().err

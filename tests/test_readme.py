@@ -37,4 +37,4 @@ def test_readme_commands_parse():
     assert any(c[1] == "convert" and "--config" in c for c in commands)
     for command in commands:
         words = [w for w in command[1:] if w != "..."]
-        build_parser(words[0]).parse_args(words)
+        build_parser().parse_args(words)

@@ -209,86 +209,73 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from maskrcnn.config import load_config
+    from maskrcnn.engine.demo import run_demo
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.out}"] if args.out else [])
-    return run_demo(load_config(args.config or "shapes_demo", overrides), pictures=args.pictures)
-
-
-def run_demo(config, *, pictures: int = 8) -> int:
-    """Generate `shapes` if missing, train from scratch; the trainer evaluates, prints the AP
-    table, draws the pictures and plots the curves (engine/run_outputs.py)."""
-    from maskrcnn.engine.trainer import train
-
-    if config.data.name != "shapes":
-        raise CommandError(f"the demo runs on the built-in shapes data, not data.name={config.data.name!r}")
+    config = load_config(args.config or "shapes_demo", overrides)
     started = time.perf_counter()
-    _shapes_paths(vars(config.data))
-    config.train.pictures = pictures
-    print(f"shapes data in {config.data.root} ({time.perf_counter() - started:.1f} s); training "
-          f"{config.train.iterations} iterations of {config.train.batch_size} images on {config.train.device}")
-    summary = train(config)
+    summary = run_demo(config, pictures=args.pictures)
     out = Path(config.train.output_dir)
     if summary.interrupted:
         return _report_interrupted("demo", summary, out)
     minutes = (time.perf_counter() - started) / 60
     print(f"demo: {summary.iteration} iterations at {summary.seconds_per_iteration:.2f} s/iteration, "
           f"{minutes:.1f} min in all; {config.data.shapes_val_images} held-out images")
-    drawn = f"pictures: {out / 'contact_sheet.png'} and {out / 'predictions'}, " if pictures > 0 else ""
+    drawn = f"pictures: {out / 'contact_sheet.png'} and {out / 'predictions'}, " if args.pictures > 0 else ""
     print(f"{drawn}curves: {out / 'training_curves.png'}, checkpoint: {summary.last_checkpoint}, "
           f"metrics: {out / 'metrics.json'}, log: {out / 'log.txt'}")
     return 0
 
 
-def _external(module_name: str, command: str):
-    """(add_arguments, run, None) of another part's subcommand, or, when that part cannot be
-    imported, a runner that fails saying why, and the reason (shown in `--help`)."""
-    import importlib
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Exit 0 clean (warnings allowed unless --strict), 1 problems that skip data, 2 an unusable file."""
+    from maskrcnn.data.checker import check_data, failed, format_report
 
+    dataset = check_data(args.annotations, images=args.images, check_images=args.check_images)
+    print(f"check-data: {args.annotations}" + (f" (images in {args.images})" if args.images else
+                                               " (image files not checked: no --images)"))
+    print(format_report(dataset))
+    found = failed(dataset, strict=args.strict)
+    print(f"result: {'FAILED' if found else 'OK'}")
+    return 1 if found else 0
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    """Exit 1 when the file's annotations cannot be turned into points, 2 when it cannot be read."""
+    from maskrcnn.data.points import PointSimulationError, point_summary, read_coco, simulate_points, write_coco
+
+    coco = read_coco(args.annotations)
     try:
-        module = importlib.import_module(module_name)
-        return module.add_arguments, module.run, None
-    except (ImportError, AttributeError) as error:
-        reason = f"{module_name} is not available in this installation ({error})"
-
-        def unavailable(args: argparse.Namespace) -> int:
-            raise CommandError(f"cannot run: {reason}")
-
-        def swallow_arguments(parser: argparse.ArgumentParser) -> None:
-            parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-        return swallow_arguments, unavailable, reason
+        result = simulate_points(coco, num_points=args.num_points, seed=args.seed, keep_masks=args.keep_masks)
+    except PointSimulationError as error:
+        print(f"maskrcnn points: {args.annotations}: {error}", file=sys.stderr)
+        return 1
+    write_coco(result, args.out)
+    summary = point_summary(result)
+    inside = f"{summary['inside']:.1%} of points inside their object" if summary["inside"] is not None else "no points"
+    print(f"wrote {args.out}: {summary['with_points']} of {summary['annotations']} annotations with "
+          f"{args.num_points} points each ({inside}); {summary['crowd']} crowd annotation(s) copied unchanged")
+    return 0
 
 
 # --------------------------------------------------------------------------- the parser
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser. `command`: the subcommand about to run; the other parts' subcommands
-    (check-data, points) import their module and add their arguments only when they are the
-    one, so that `maskrcnn --help` does not import torch."""
-    from maskrcnn.config import recipe_names  # PyYAML and dataclasses only: no torch
-
-    parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: detection, instance masks, keypoints.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        sub.add_argument("--debug", action="store_true",
-                         help="on an error, show the Python traceback (also: environment MASKRCNN_DEBUG=1)")
-        return sub
-
-    demo = add("demo", cmd_demo, "train a small model on the built-in shapes data (CPU, minutes), evaluate, draw, plot")
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--config", help="recipe: a YAML path or a shipped recipe's name (default: shapes_demo)")
     demo.add_argument("--out", help="output folder (default: the recipe's train.output_dir)")
     demo.add_argument("--pictures", type=int, default=8, help="held-out images to draw predictions on (default: 8)")
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.iterations=100")
 
-    train = add("train", cmd_train, "train from a YAML recipe; the resolved config is saved in train.output_dir")
+
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    from maskrcnn.config import recipe_names  # PyYAML and dataclasses only: no torch
+
     train.add_argument("config", help="YAML recipe over the defaults in maskrcnn/config.py: a path, or the name "
                        f"of a shipped recipe ({', '.join(recipe_names())})")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=0.01")
     train.add_argument("--resume", action="store_true", help="continue exactly from train.output_dir/last.pth")
 
-    evaluate = add("evaluate", cmd_evaluate, "COCO box / mask / keypoint AP with a per-class table, and a results JSON")
+
+def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--weights", required=True, help="checkpoint (.pth) written by train or convert")
     evaluate.add_argument("--data", help="COCO annotations JSON (default: the checkpoint's validation data)")
     evaluate.add_argument("--images", help="image folder (default: the JSON's path without .json)")
@@ -297,7 +284,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--num-workers", type=int, default=2)
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
 
-    predict = add("predict", cmd_predict, "draw predictions on images and videos and write COCO results")
+
+def _predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.description = (
         "Predict on image files, video files and folders of them (not recursive). In a folder a file is an image "
         "when its suffix says so or PIL recognises its content, a video by its suffix; other files are listed as "
@@ -320,7 +308,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                          help="rle (default): COCO RLE in each result's segmentation; png: one PNG per detection in "
                               "OUT/masks/, named by the result's mask_file; none: no masks")
 
-    export = add("export", cmd_export, "write the whole model (resize, normalise, detect, paste) as ONNX or TorchScript")
+
+def _export_arguments(export: argparse.ArgumentParser) -> None:
     export.description = (
         "Write the whole model, pre- and post-processing included, as one traced graph: input images "
         "float32 [B, 3, H, W] in 0-1 (any H, W); outputs boxes [N, 4], labels [N], scores [N], masks, "
@@ -340,7 +329,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--example-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="size of the random images traced (any size works afterwards; default: 480 640)")
 
-    convert = add("convert", cmd_convert, "convert torchvision or detectron2 weights into a maskrcnn checkpoint")
+
+def _convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("source", help="torchvision state dict (fasterrcnn/maskrcnn/keypointrcnn R50-FPN, v1 or v2), "
                                         "or with --config detectron2's model_final.pkl / .pth")
     convert.add_argument("destination", help="maskrcnn checkpoint to write; its model is also written as a recipe "
@@ -352,23 +342,59 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                "table (default: COCO's for torchvision's and detectron2's COCO "
                                                "models, else none)")
 
-    for name, module, help_text in (
-        ("check-data", "maskrcnn.data.checker", "check a COCO annotation file against its images; list every problem"),
-        ("points", "maskrcnn.data.points", "simulate point annotations from masks (point supervision)"),
-    ):
-        if command != name:
-            add(name, None, help_text)  # listed in the overview; its arguments load when it runs
-            continue
-        add_arguments, run, missing = _external(module, name)
-        add_arguments(add(name, run, help_text + (f" [NOT AVAILABLE: {missing}]" if missing else "")))
+
+def _check_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("annotations", help="COCO instances or person-keypoints JSON file")
+    parser.add_argument("--images", default=None,
+                        help="image folder that file_name is relative to (without it, image files are not checked)")
+    parser.add_argument("--check-images", choices=("header", "full", "exists", "none"), default="header",
+                        help="header: open each image's header (size, EXIF); full: also decode every image "
+                             "(finds truncated files); exists: only look for the file")
+    parser.add_argument("--full", action="store_const", const="full", dest="check_images",
+                        help="same as --check-images full")
+    parser.add_argument("--strict", action="store_true", help="exit non-zero on repaired problems (warnings) too")
+
+
+def _points_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("annotations", type=Path, help="COCO instances JSON with mask segmentations")
+    parser.add_argument("--num-points", type=int, default=10, help="points per object (default: 10)")
+    parser.add_argument("--out", type=Path, required=True, help="output COCO JSON with point_coords / point_labels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--keep-masks", action="store_true", help="keep the segmentations (default: remove them)")
+
+
+# (name, handler, help, the function that adds its arguments): every subcommand is a `cmd_*` here,
+# whose work is in the library (engine/, data/, checkpoint/, export.py); it parses and prints.
+SUBCOMMANDS = (
+    ("demo", cmd_demo, "train a small model on the built-in shapes data (CPU, minutes), evaluate, draw, plot", _demo_arguments),
+    ("train", cmd_train, "train from a YAML recipe; the resolved config is saved in train.output_dir", _train_arguments),
+    ("evaluate", cmd_evaluate, "COCO box / mask / keypoint AP with a per-class table, and a results JSON", _evaluate_arguments),
+    ("predict", cmd_predict, "draw predictions on images and videos and write COCO results", _predict_arguments),
+    ("export", cmd_export, "write the whole model (resize, normalise, detect, paste) as ONNX or TorchScript", _export_arguments),
+    ("convert", cmd_convert, "convert torchvision or detectron2 weights into a maskrcnn checkpoint", _convert_arguments),
+    ("check-data", cmd_check_data, "check a COCO annotation file against its images; list every problem",
+     _check_data_arguments),
+    ("points", cmd_points, "simulate point annotations from masks (point supervision)", _points_arguments),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (no torch import: `maskrcnn --help` stays fast)."""
+    parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: detection, instance masks, keypoints.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, handler, help_text, add_arguments in SUBCOMMANDS:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("--debug", action="store_true",
+                         help="on an error, show the Python traceback (also: environment MASKRCNN_DEBUG=1)")
+        add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one subcommand; errors are one line `maskrcnn COMMAND: message` with exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = _parse(build_parser(command), argv)
+    args = _parse(build_parser(), argv)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""`maskrcnn check-data ANNOTATIONS --images DIR`: summary and every problem of a COCO file.
+"""`maskrcnn check-data ANNOTATIONS --images DIR` (cli.py): summary and every problem of a COCO file.
 
 The checks are CocoDataset's own (data/coco.py), so what the checker reports is exactly what
 training would repair or skip. Exit codes: 0 clean (warnings allowed unless --strict),
@@ -7,24 +7,9 @@ training would repair or skip. Exit codes: 0 clean (warnings allowed unless --st
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
-from typing import TextIO
 
-from maskrcnn.data.coco import CocoDataset, CocoFormatError
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("annotations", help="COCO instances or person-keypoints JSON file")
-    parser.add_argument("--images", default=None,
-                        help="image folder that file_name is relative to (without it, image files are not checked)")
-    parser.add_argument("--check-images", choices=("header", "full", "exists", "none"), default="header",
-                        help="header: open each image's header (size, EXIF); full: also decode every image "
-                             "(finds truncated files); exists: only look for the file")
-    parser.add_argument("--full", action="store_const", const="full", dest="check_images",
-                        help="same as --check-images full")
-    parser.add_argument("--strict", action="store_true", help="exit non-zero on repaired problems (warnings) too")
+from maskrcnn.data.coco import CocoDataset
 
 
 def format_report(dataset: CocoDataset) -> str:
@@ -51,32 +36,16 @@ def format_report(dataset: CocoDataset) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out if out is not None else sys.stdout
-    err = err if err is not None else sys.stderr
-    check_images = args.check_images if args.images is not None else "none"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # every problem is printed below instead
-            dataset = CocoDataset(args.annotations, args.images or ".", check_images=check_images, warn=False)
-    except CocoFormatError as error:
-        print(f"check-data: {error}", file=err)
-        return 2
-    print(f"check-data: {args.annotations}" + (f" (images in {args.images})" if args.images else
-                                               " (image files not checked: no --images)"), file=out)
-    print(format_report(dataset), file=out)
+def check_data(annotations: str, *, images: str | None, check_images: str = "header") -> CocoDataset:
+    """The data set with every problem recorded (none is warned about: the report lists them).
+    Without `images` the image files are not looked at. Raises CocoFormatError for an unusable file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # every problem is in the report instead
+        return CocoDataset(annotations, images or ".", check_images=check_images if images is not None else "none",
+                           warn=False)
+
+
+def failed(dataset: CocoDataset, *, strict: bool = False) -> bool:
+    """True when a problem skipped data (an error), or with `strict`, when any problem was found."""
     errors = sum(p.severity == "error" for p in dataset.problems)
-    warnings_found = len(dataset.problems) - errors
-    failed = errors > 0 or (args.strict and warnings_found > 0)
-    print(f"result: {'FAILED' if failed else 'OK'}", file=out)
-    return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maskrcnn check-data", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return errors > 0 or (strict and len(dataset.problems) > errors)

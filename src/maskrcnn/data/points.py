@@ -3,7 +3,7 @@
 The paper measures how far a box plus ~10 labelled points per object get Mask R-CNN, and it
 simulates those annotations from COCO's masks: points drawn uniformly in the object's box, each
 labelled 1 when it falls on the object's mask and 0 otherwise. This module does the same for
-any COCO instances file and backs `maskrcnn points`:
+any COCO instances file and backs `maskrcnn points` (cli.py):
 
     maskrcnn points ANNOTATIONS --num-points 10 --out OUT.json [--seed S] [--keep-masks]
 
@@ -28,10 +28,8 @@ or subset of the file.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -171,47 +169,32 @@ def simulate_points(coco: dict, *, num_points: int, seed: int = 0, keep_masks: b
     return result
 
 
-# --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `maskrcnn points`."""
-    parser.add_argument("annotations", type=Path, help="COCO instances JSON with mask segmentations")
-    parser.add_argument("--num-points", type=int, default=10, help="points per object (default: 10)")
-    parser.add_argument("--out", type=Path, required=True, help="output COCO JSON with point_coords / point_labels")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--keep-masks", action="store_true", help="keep the segmentations (default: remove them)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """`maskrcnn points`: read, simulate, write, print a one-line summary. Returns the exit code."""
+# --------------------------------------------------------------------------- files
+def read_coco(path: str | Path) -> dict:
+    """A COCO JSON object; ValueError naming the file when it cannot be read or is not one."""
     try:
-        with open(args.annotations) as file:
+        with open(path) as file:
             coco = json.load(file)
     except OSError as error:
-        print(f"maskrcnn points: cannot read {args.annotations}: {error.strerror or error}", file=sys.stderr)
-        return 2
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
-        print(f"maskrcnn points: {args.annotations} is not valid JSON: {error}", file=sys.stderr)
-        return 2
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(coco, dict):
-        print(f"maskrcnn points: {args.annotations}: expected a COCO JSON object", file=sys.stderr)
-        return 2
-    try:
-        result = simulate_points(coco, num_points=args.num_points, seed=args.seed, keep_masks=args.keep_masks)
-    except PointSimulationError as error:
-        print(f"maskrcnn points: {args.annotations}: {error}", file=sys.stderr)
-        return 1
+        raise ValueError(f"{path}: expected a COCO JSON object")
+    return coco
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as file:
-        json.dump(result, file)
+
+def write_coco(coco: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(coco, file)
+
+
+def point_summary(result: dict) -> dict:
+    """What `simulate_points` produced: annotations with points, all annotations, crowd ones
+    (copied unchanged), and the share of points labelled inside their object (None: no points)."""
     with_points = [a for a in result["annotations"] if "point_labels" in a]
     labels = np.array([label for a in with_points for label in a["point_labels"]], dtype=np.float64)
-    crowd = sum(1 for a in result["annotations"] if a.get("iscrowd", 0))
-    inside = f"{labels.mean():.1%} of points inside their object" if labels.size else "no points"
-    print(
-        f"wrote {args.out}: {len(with_points)} of {len(result['annotations'])} annotations with "
-        f"{args.num_points} points each ({inside}); {crowd} crowd annotation(s) copied unchanged"
-    )
-    return 0
+    return {"with_points": len(with_points), "annotations": len(result["annotations"]),
+            "crowd": sum(1 for a in result["annotations"] if a.get("iscrowd", 0)),
+            "inside": float(labels.mean()) if labels.size else None}
