@@ -128,6 +128,56 @@ class SampledRoIs:
     regression_targets: list[Tensor]
 
 
+@dataclass(frozen=True)
+class BoxTraining:
+    """How proposals become the box head's training samples (torchvision's defaults)."""
+
+    fg_iou_thresh: float = 0.5  # IoU with a ground-truth box from which a proposal is foreground
+    bg_iou_thresh: float = 0.5  # below it, background
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    crowd_ioa_thresh: float = 0.7  # a proposal this much inside a crowd region is ignored
+
+
+@dataclass(frozen=True)
+class BoxInference:
+    """Which box predictions become detections (box_head.box_inference)."""
+
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    suppressed_labels: tuple[int, ...] = ()  # labels never predicted (torchvision's N/A slots)
+    postprocess: str = "torchvision"
+
+
+@dataclass(frozen=True)
+class MaskTraining:
+    """Which RoIs and which supervision train the mask head (mask_head.mask_training_rois,
+    point_supervision.points_of_rois)."""
+
+    train_on: str = "proposals"  # or "gt_boxes" (Birodkar et al.)
+    gt_box_jitter: float = 0.0
+    mask_classes: tuple[int, ...] | list[int] | None = None  # None: every class
+    point_supervision: bool = False
+    points_per_instance: int | None = None
+    point_loss_average: str = "valid_points"
+
+    def __post_init__(self) -> None:
+        if self.train_on not in ("proposals", "gt_boxes"):
+            raise ValueError(f"mask_head.train_on must be 'proposals' or 'gt_boxes', got {self.train_on!r}")
+        if self.point_loss_average not in POINT_LOSS_AVERAGES:
+            raise ValueError(
+                f"mask_head.point_loss_average must be one of {POINT_LOSS_AVERAGES}, got {self.point_loss_average!r}"
+            )
+
+
+@dataclass(frozen=True)
+class KeypointOptions:
+    loss_weight: float = 1.0
+    decoding: str = "torchvision"  # or "detectron2" (keypoint_head.heatmaps_to_keypoints)
+
+
 class RoIHeads(nn.Module):
     """Box head (always), mask head and keypoint head (when given) on the RPN's proposals.
 
@@ -135,6 +185,10 @@ class RoIHeads(nn.Module):
     (detections: one dict per image with boxes / labels / scores [+ masks [N, 1, M, M]
     probabilities in box coordinates, keypoints [N, K, 3], keypoints_scores [N, K]],
     losses: loss_classifier, loss_box_reg [, loss_mask, loss_keypoint] in training).
+
+    The options arrive grouped by stage and are kept as plain attributes under torchvision's names
+    (`score_thresh`, `nms_thresh`, `detections_per_img`, ...), so that they can be changed on a
+    built model as on torchvision's RoIHeads.
     """
 
     def __init__(
@@ -143,51 +197,37 @@ class RoIHeads(nn.Module):
         box_pooler: MultiLevelRoIAlign,
         box_head: BoxHead,
         box_predictor: BoxPredictor,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh: float = 0.5,
-        batch_size_per_image: int = 512,
-        positive_fraction: float = 0.25,
-        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-        crowd_ioa_thresh: float = 0.7,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
-        suppressed_labels: tuple[int, ...] = (),
-        box_postprocess: str = "torchvision",
+        box_training: BoxTraining = BoxTraining(),
+        box_inference: BoxInference = BoxInference(),
         mask_pooler: MultiLevelRoIAlign | None = None,
         mask_head: nn.Module | None = None,
-        mask_train_on: str = "proposals",
-        gt_box_jitter: float = 0.0,
-        mask_classes: list[int] | None = None,
-        point_supervision: bool = False,
-        points_per_instance: int | None = None,
-        point_loss_average: str = "valid_points",
+        mask_training: MaskTraining = MaskTraining(),
         keypoint_pooler: MultiLevelRoIAlign | None = None,
         keypoint_head: KeypointHead | None = None,
-        keypoint_loss_weight: float = 1.0,
-        keypoint_decoding: str = "torchvision",
+        keypoint_options: KeypointOptions = KeypointOptions(),
     ) -> None:
         super().__init__()
-        if mask_train_on not in ("proposals", "gt_boxes"):
-            raise ValueError(f"mask_head.train_on must be 'proposals' or 'gt_boxes', got {mask_train_on!r}")
         self.box_pooler, self.box_head, self.box_predictor = box_pooler, box_head, box_predictor
+        sampling = box_training
         self.matcher = Matcher(
-            high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=False
+            high_threshold=sampling.fg_iou_thresh, low_threshold=sampling.bg_iou_thresh, allow_low_quality_matches=False
         )
-        self.sampler = BalancedSampler(batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction)
-        self.box_coder = BoxCoder(weights=tuple(bbox_reg_weights))
-        self.crowd_ioa_thresh = crowd_ioa_thresh
-        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
-        self.suppressed_labels = tuple(suppressed_labels)
-        self.box_postprocess = box_postprocess
+        self.sampler = BalancedSampler(batch_size_per_image=sampling.batch_size_per_image,
+                                       positive_fraction=sampling.positive_fraction)
+        self.box_coder = BoxCoder(weights=tuple(sampling.bbox_reg_weights))
+        self.crowd_ioa_thresh = sampling.crowd_ioa_thresh
+        inference = box_inference
+        self.score_thresh, self.nms_thresh = inference.score_thresh, inference.nms_thresh
+        self.detections_per_img = inference.detections_per_img
+        self.suppressed_labels = tuple(inference.suppressed_labels)
+        self.box_postprocess = inference.postprocess
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
-        self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask_train_on, gt_box_jitter, mask_classes
-        self.point_supervision, self.points_per_instance = point_supervision, points_per_instance
-        if point_loss_average not in POINT_LOSS_AVERAGES:
-            raise ValueError(f"mask_head.point_loss_average must be one of {POINT_LOSS_AVERAGES}, got {point_loss_average!r}")
-        self.point_loss_average = point_loss_average
+        mask = mask_training
+        self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask.train_on, mask.gt_box_jitter, mask.mask_classes
+        self.point_supervision, self.points_per_instance = mask.point_supervision, mask.points_per_instance
+        self.point_loss_average = mask.point_loss_average
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
-        self.keypoint_loss_weight, self.keypoint_decoding = keypoint_loss_weight, keypoint_decoding
+        self.keypoint_loss_weight, self.keypoint_decoding = keypoint_options.loss_weight, keypoint_options.decoding
 
     def forward(
         self,
@@ -350,11 +390,12 @@ def _mask_parts(config: ModelConfig, *, in_channels: int) -> dict:
         conv_dim=mask.conv_dim, num_convs=mask.num_convs, norm=mask.norm, class_agnostic=mask.class_agnostic,
         block=mask.block,
     )
-    return dict(
-        mask_pooler=_pooler(config, mask), mask_head=head, mask_train_on=mask.train_on,
-        gt_box_jitter=mask.gt_box_jitter, mask_classes=mask.mask_classes, point_supervision=mask.point_supervision,
-        points_per_instance=mask.points_per_instance, point_loss_average=mask.point_loss_average,
+    training = MaskTraining(
+        train_on=mask.train_on, gt_box_jitter=mask.gt_box_jitter, mask_classes=mask.mask_classes,
+        point_supervision=mask.point_supervision, points_per_instance=mask.points_per_instance,
+        point_loss_average=mask.point_loss_average,
     )
+    return dict(mask_pooler=_pooler(config, mask), mask_head=head, mask_training=training)
 
 
 def _keypoint_parts(config: ModelConfig, *, in_channels: int) -> dict:
@@ -364,8 +405,8 @@ def _keypoint_parts(config: ModelConfig, *, in_channels: int) -> dict:
         return {}
     head = KeypointHead(in_channels=in_channels, num_keypoints=keypoint.num_keypoints, conv_dim=keypoint.conv_dim,
                         num_convs=keypoint.num_convs)
-    return dict(keypoint_pooler=_pooler(config, keypoint), keypoint_head=head,
-                keypoint_loss_weight=keypoint.loss_weight, keypoint_decoding=keypoint.decoding)
+    options = KeypointOptions(loss_weight=keypoint.loss_weight, decoding=keypoint.decoding)
+    return dict(keypoint_pooler=_pooler(config, keypoint), keypoint_head=head, keypoint_options=options)
 
 
 def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
@@ -384,16 +425,14 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
             num_fcs=box.num_fcs,
         ),
         box_predictor=BoxPredictor(in_channels=box.fc_dim, num_classes=config.num_classes),
-        fg_iou_thresh=box.fg_iou_thresh,
-        bg_iou_thresh=box.bg_iou_thresh,
-        batch_size_per_image=box.batch_size_per_image,
-        positive_fraction=box.positive_fraction,
-        bbox_reg_weights=tuple(box.bbox_reg_weights),
-        crowd_ioa_thresh=box.crowd_ioa_thresh,
-        score_thresh=box.score_thresh,
-        nms_thresh=box.nms_thresh,
-        detections_per_img=box.detections_per_img,
-        suppressed_labels=tuple(box.suppressed_labels),
-        box_postprocess=box.postprocess,
+        box_training=BoxTraining(
+            fg_iou_thresh=box.fg_iou_thresh, bg_iou_thresh=box.bg_iou_thresh,
+            batch_size_per_image=box.batch_size_per_image, positive_fraction=box.positive_fraction,
+            bbox_reg_weights=tuple(box.bbox_reg_weights), crowd_ioa_thresh=box.crowd_ioa_thresh,
+        ),
+        box_inference=BoxInference(
+            score_thresh=box.score_thresh, nms_thresh=box.nms_thresh, detections_per_img=box.detections_per_img,
+            suppressed_labels=tuple(box.suppressed_labels), postprocess=box.postprocess,
+        ),
         **heads,
     )
