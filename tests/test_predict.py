@@ -101,7 +101,7 @@ def test_empty_folder_is_a_problem_and_results_are_still_written(tmp_path):
 
 
 def test_collect_inputs_decides_by_content_and_lists_what_it_skipped(tmp_path):
-    # Issue 13 item 15: readable images with other suffixes (.ppm, .jfif, none) were skipped silently.
+    # Readable images with other suffixes (.ppm, .jfif, none) were skipped silently.
     pixels = np.zeros((8, 8, 3), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "b.png")
     Image.fromarray(pixels).save(tmp_path / "c.ppm")
@@ -156,7 +156,7 @@ def _checkpoint(tmp_path, kind="mask"):
 
 
 def test_predict_cli_names_an_extreme_aspect_ratio_image_and_goes_on(tmp_path, capsys):
-    # Issue 13 item 9: a 10000 x 10 image aborted the whole run with a torch traceback.
+    # A 10000 x 10 image aborted the whole run with a torch traceback.
     from maskrcnn.cli import main
 
     weights, _ = _checkpoint(tmp_path)

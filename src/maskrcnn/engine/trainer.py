@@ -211,7 +211,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, config: Config, device: to
 
 
 def _class_groups(config: Config) -> dict[str, list[int]] | None:
-    """Issue 5: mask AP apart for the classes trained with masks and the novel ones."""
+    """Mask AP apart for the classes trained with masks and the novel ones (partial supervision)."""
     with_masks = config.model.mask_head.mask_classes
     if not with_masks:
         return None
