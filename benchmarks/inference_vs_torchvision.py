@@ -51,25 +51,10 @@ def build_torchvision(arch: str, seed: int, min_size: int, max_size: int) -> tor
     return model.eval()
 
 
-def staged_torchvision(model, images) -> tuple[dict[str, float], list[dict]]:
-    """torchvision's GeneralizedRCNN.forward in eval mode, one timed stage at a time."""
-    times, clock = {}, Clock()
-    original_sizes = [tuple(image.shape[-2:]) for image in images]
-    batch, _ = model.transform(images)
-    times["transform"] = clock.lap()
-    features = model.backbone(batch.tensors)
-    times["backbone"] = clock.lap()
-    proposals, _ = model.rpn(batch, features)
-    times["rpn"] = clock.lap()
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
-    times["roi_heads"] = clock.lap()
-    detections = model.transform.postprocess(detections, batch.image_sizes, original_sizes)
-    times["postprocess"] = clock.lap()
-    return times, detections
-
-
-def staged_ours(model, images) -> tuple[dict[str, float], list[dict]]:
-    """Our MaskRCNN.forward in eval mode, one timed stage at a time (postprocess includes pasting)."""
+def staged(model, images, *, postprocess) -> tuple[dict[str, float], list[dict]]:
+    """A detector's eval-mode forward, one timed stage at a time. `postprocess(detections,
+    image_sizes, original_sizes)` is the model's last stage: torchvision's transform.postprocess,
+    or our `_to_original_size` (which includes pasting)."""
     times, clock = {}, Clock()
     original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
     batch, _ = model.transform(images)
@@ -80,9 +65,17 @@ def staged_ours(model, images) -> tuple[dict[str, float], list[dict]]:
     times["rpn"] = clock.lap()
     detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     times["roi_heads"] = clock.lap()
-    detections = model._to_original_size(detections, batch.image_sizes, original_sizes)
+    detections = postprocess(detections, batch.image_sizes, original_sizes)
     times["postprocess"] = clock.lap()
     return times, detections
+
+
+def staged_torchvision(model, images) -> tuple[dict[str, float], list[dict]]:
+    return staged(model, images, postprocess=model.transform.postprocess)
+
+
+def staged_ours(model, images) -> tuple[dict[str, float], list[dict]]:
+    return staged(model, images, postprocess=model._to_original_size)
 
 
 class Clock:
