@@ -48,6 +48,10 @@ def test_round_trip(tmp_path):
         ("no_equals_sign", "key.sub=value"),
         ("model.mask_head.point_loss_average=mean", "model.mask_head.point_loss_average=mean: expected one of "
          "valid_points, all_points"),
+        ("train.ema_decay=1", "train.ema_decay=1: expected a value < 1"),
+        ("train.ema_decay=1.5", "train.ema_decay=1.5: expected a value >= 0 and <= 1"),
+        ("train.ema_decay=-0.1", "train.ema_decay=-0.1: expected a value >= 0"),
+        ("train.ema_start=-1", "train.ema_start=-1: expected a value >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -48,7 +48,8 @@ def _scenario(rank: int, out: Path, scenario: str) -> dict:
         helpers = {"gathered": distributed.all_gather_object(rank),
                    "mean": distributed.all_reduce_mean(torch.tensor([float(rank)])).item()}
     elif scenario == "ours":  # rank 1's 2nd batch is empty; DDP would fail in the 3rd if a grad were missing
-        config = tiny_config(out / "run", iterations=3, batch_size=1)
+        # with the weights' moving average, of the unwrapped module: result["model"] is the average
+        config = tiny_config(out / "run", iterations=3, batch_size=1, ema_decay=0.5, ema_start=1)
         config.model = tiny_model_config()
         result = trainer.train(config, model=model, train_dataset=data)
     else:  # "signal": only rank 1 receives SIGTERM, during its 3rd iteration
@@ -122,12 +123,17 @@ def test_two_ranks_stay_identical_with_an_empty_rank_and_gather_evaluation(runs)
 
 
 def test_our_model_two_ranks_with_an_empty_rank_stay_identical(runs):
-    """Our model's losses stay connected on a batch without annotations: no rank waits forever."""
+    """Our model's losses stay connected on a batch without annotations: no rank waits forever.
+    The weights' moving average (of each rank's unwrapped module) stays identical too."""
     ranks = _summaries(runs, "ours")
     assert [r["iteration"] for r in ranks] == [3, 3]
     weights = _weights(runs, "ours")
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
+    checkpoint = torch.load(runs / "ours" / "run" / "last.pth", weights_only=True)
+    assert checkpoint["ema_updates"] == 2
+    for name, value in checkpoint["model"].items():
+        assert torch.equal(value, weights[0][name]), name
 
 
 def test_a_signal_on_one_rank_stops_both_at_the_same_iteration(runs):

@@ -382,22 +382,31 @@ def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
 
 
 def test_resume_with_our_model_ends_with_the_same_weights(tmp_path):
-    """The acceptance check with our Mask R-CNN (box, mask and keypoint heads), not a stand-in."""
+    """The acceptance check with our Mask R-CNN (box, mask and keypoint heads), not a stand-in,
+    with the weights' moving average on: cut after its second update, both the trained weights
+    and the average go on exactly."""
     from maskrcnn.model.mask_rcnn import build_model
 
     def run(output_dir, *, resume=False, signal_at=None):
-        config = tiny_config(output_dir, iterations=4)
+        config = tiny_config(output_dir, iterations=4, ema_decay=0.8, ema_start=1)
         config.model = tiny_model_config()
         torch.manual_seed(7 if not resume else 8)  # a resumed run's own initialisation must not matter
         model = Sabotage(build_model(config.model), signal_at=signal_at)
         return trainer.train(config, resume=resume, model=model, train_dataset=Rectangles(8))
 
     full = run(tmp_path / "full")
-    assert run(tmp_path / "cut", signal_at=2)["iteration"] == 2
+    assert run(tmp_path / "cut", signal_at=3)["iteration"] == 3
+    assert load_training_state(tmp_path / "cut" / "last.pth")["ema_updates"] == 2
     resumed = run(tmp_path / "cut", resume=True)
     assert resumed["iteration"] == 4
-    for name, value in full["model"].state_dict().items():
+    for name, value in full["model"].state_dict().items():  # the averages
         assert torch.equal(value, resumed["model"].state_dict()[name]), name
+    saved = [load_training_state(tmp_path / run_name / "last.pth") for run_name in ("full", "cut")]
+    assert saved[0]["ema_updates"] == saved[1]["ema_updates"] == 3
+    for name, value in saved[0]["training_model"].items():
+        assert torch.equal(value, saved[1]["training_model"][name]), name
+    trained = saved[0]["training_model"]
+    assert any(not torch.equal(value, trained[name]) for name, value in saved[0]["model"].items())
 
 
 class _Annotations(list):

@@ -204,6 +204,10 @@ class TrainConfig:
     warmup_iterations: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float | None = None
+    # exponential moving average of the weights, used for evaluation and saved as the model
+    # (engine/ema.py): ema = decay * ema + (1 - decay) * weights after each iteration; 0 = off
+    ema_decay: float = 0.0
+    ema_start: int = 0  # the average starts after this many iterations (their weights are its first value)
     amp: bool = False  # mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX (float32 elsewhere, with a warning)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 0  # also keep the last N periodic checkpoints as model_<iteration>.pth; 0 = only last.pth
@@ -410,6 +414,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.lr": (0, None, True), "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True),
     "train.gamma": (0, None, False), "train.warmup_iterations": (0, None, True),
     "train.warmup_factor": (0, 1, False), "train.clip_grad_norm": (0, None, False),
+    "train.ema_decay": (0, 1, True), "train.ema_start": (0, None, True),
     "train.checkpoint_every": (1, None, True), "train.eval_every": (0, None, True),
     "train.log_every": (1, None, True), "train.cpu_threads": (1, None, True),
 }
@@ -424,6 +429,8 @@ def validate_config(config: Config) -> Config:
     device = config.train.device
     if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"train.device={device}: expected auto, cpu, cuda, cuda:N or mps")
+    if config.train.ema_decay == 1:
+        raise ConfigError("train.ema_decay=1: expected a value < 1 (the average would never move); 0 turns it off")
     return config
 
 

@@ -2,7 +2,9 @@
 
 One iteration: a batch from the iteration-based loader -> forward (autocast when
 `train.amp`) -> losses averaged over ranks and checked for NaN/inf -> backward (GradScaler on
-CUDA) -> optional gradient clipping -> optimizer and scheduler step. Around it: progress with
+CUDA) -> optional gradient clipping -> optimizer and scheduler step -> the weights' moving average
+(`train.ema_decay`, engine/ema.py; once it has started it is what is evaluated and saved as the
+model). Around it: progress with
 ETA and losses, metrics as JSON lines (`metrics.jsonl`, one flat record per log step or
 evaluation, e.g. `{"iteration": 20, "lr": 0.02, "loss": 1.3, "loss_mask": 0.4, ...}` and
 `{"iteration": 600, "segm/AP": 0.71, ...}`) and TensorBoard, periodic evaluation keeping
@@ -12,7 +14,7 @@ the rest (log.txt, the AP tables, curves, pictures, kept checkpoints). No checkp
 with non-finite weights or optimizer state (NonFiniteStateError instead). The data is checked
 against the model before the first iteration (`check_data_fits_model`).
 
-Exact resume: the checkpoint holds the model, optimizer, scheduler, scaler, the number of
+Exact resume: the checkpoint holds the model (and the weights' average), optimizer, scheduler, scaler, the number of
 completed iterations, every rank's random state and the data position; the learning-rate
 schedule is rebuilt from the config at that iteration, the loader restarts there, so a resumed run computes the same iterations as an uninterrupted one
 (bitwise on the CPU). Nothing outside the loss computation may draw from the global random
@@ -42,6 +44,7 @@ from torch import nn
 from maskrcnn.checkpoint.format import atomic_save, remove_stale_temporaries
 from maskrcnn.config import Config, config_to_dict, save_config, validate_config
 from maskrcnn.engine import distributed, run_outputs
+from maskrcnn.engine.ema import build_ema, model_to_evaluate
 from maskrcnn.engine.evaluation import flatten_metrics
 from maskrcnn.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
 from maskrcnn.engine.precision import autocast_dtype
@@ -339,6 +342,11 @@ class TrainingParts:
     amp_dtype: torch.dtype
     last_path: Path
     best_path: Path
+    ema: Any = None  # the weights' AveragedModel (engine/ema.py), None when train.ema_decay is 0
+
+    def run_model(self) -> nn.Module:
+        """The model to evaluate, draw and return: the weights' average once it has started (unwrapped)."""
+        return model_to_evaluate(unwrap_model(self.model), self.ema)
 
 
 @dataclass
@@ -398,7 +406,7 @@ def train(config: Config, *, resume: bool = False, model: nn.Module | None = Non
     finally:
         if owns_process_group:
             distributed.shutdown_distributed()
-    return TrainSummary(unwrap_model(parts.model), context.rank, state.iteration, state.stopped_by, state.metrics,
+    return TrainSummary(parts.run_model(), context.rank, state.iteration, state.stopped_by, state.metrics,
                         state.best_metric, str(parts.last_path),
                         str(parts.best_path) if parts.best_path.exists() else None,
                         state.training_speed, time.perf_counter() - state.started)
@@ -434,17 +442,19 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
     if built_here:
         check_data_fits_model(config, train_dataset)
     optimizer = build_optimizer(model, settings)
+    ema = build_ema(unwrap_model(model), decay=settings.ema_decay, device=device)
     amp_dtype = autocast_dtype(device, amp=settings.amp)  # None: float32 (asked for, or no AMX on this CPU)
     # fp16 needs loss scaling (GradScaler); bf16 has float32's range and runs without it.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = _restore_or_seed(config, context=context, resume=resume, model=model, optimizer=optimizer, scaler=scaler)
+    state = _restore_or_seed(config, context=context, resume=resume, model=model, optimizer=optimizer,
+                             scaler=scaler, ema=ema)
     scheduler = build_scheduler(optimizer, settings, start_iteration=state.iteration)
     model = distributed.wrap_model(model, context, device)
     model.train()
     parts = TrainingParts(config, context, device, model, optimizer, scheduler, scaler,
                           *_loop_io(config, context=context, train_dataset=train_dataset, start=state.iteration, log=log),
                           val_dataset, getattr(train_dataset, "categories", None), amp_dtype is not None,
-                          amp_dtype or torch.float32, output_dir / LAST, output_dir / BEST)
+                          amp_dtype or torch.float32, output_dir / LAST, output_dir / BEST, ema)
     state.started = time.perf_counter()
     return parts, state
 
@@ -462,7 +472,7 @@ def _loop_io(config: Config, *, context: distributed.DistributedContext, train_d
 
 
 def _restore_or_seed(config: Config, *, context: distributed.DistributedContext, resume: bool, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> TrainingState:
+                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: Any) -> TrainingState:
     """The state to start from: `last.pth`'s when resuming from one, else iteration 0 with per-rank seeds."""
     settings = config.train
     last_path = Path(settings.output_dir) / LAST
@@ -475,7 +485,7 @@ def _restore_or_seed(config: Config, *, context: distributed.DistributedContext,
     expected = set(optimizer.defaults)
     try:
         start_iteration = restore_training_state(checkpoint, model=model, optimizer=optimizer,
-                                                 scheduler=None, scaler=scaler, rank=context.rank)
+                                                 scheduler=None, scaler=scaler, rank=context.rank, ema=ema)
     except (ValueError, KeyError, RuntimeError) as error:
         detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise ValueError(f"cannot resume from {last_path}: its saved state does not fit this run "
@@ -495,6 +505,8 @@ def _run_loop(parts: TrainingParts, state: TrainingState) -> None:
         while state.iteration < parts.config.train.iterations:
             step = train_step(parts, state, stop=stop)
             state.iteration += 1
+            if parts.ema is not None and state.iteration > parts.config.train.ema_start:
+                parts.ema.update_parameters(unwrap_model(parts.model))
             after_step(parts, state, step)
             if step.stop_requested:
                 state.stopped_by = stop.received or "a signal on another rank"
@@ -568,7 +580,7 @@ def _finish(parts: TrainingParts, state: TrainingState) -> None:
         output_dir = parts.last_path.parent
         run_outputs.write_curves(output_dir)
         with rng_preserved():
-            run_outputs.write_pictures(unwrap_model(parts.model), parts.val_dataset,
+            run_outputs.write_pictures(parts.run_model(), parts.val_dataset,
                                        count=parts.config.train.pictures, output_dir=output_dir, device=parts.device,
                                        tensorboard=parts.writer.tensorboard, iteration=state.iteration)
 
@@ -576,15 +588,16 @@ def _finish(parts: TrainingParts, state: TrainingState) -> None:
 def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> None:
     """Everything exact resume needs, written atomically by rank 0 (every rank takes part).
 
-    Raises NonFiniteStateError instead of writing weights or optimizer state with NaN or inf
-    (a blow-up can reach the weights before the loss): the file on disk stays the last good one.
+    Raises NonFiniteStateError instead of writing weights, their average or optimizer state with
+    NaN or inf (a blow-up can reach the weights before the loss): the file on disk stays the last good one.
     """
     # Every rank checks (DDP keeps the weights and optimizer states equal), so that all stop together.
-    bad = non_finite_entries({"model": unwrap_model(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict()})
+    bad = non_finite_entries({"model": unwrap_model(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
+                              "ema": parts.ema.state_dict() if parts.ema is not None else {}})
     if bad:
         kept = _kept_checkpoint(path, state.saved_at) if path == parts.last_path else f"{path} is left as it was"
         raise NonFiniteStateError(
-            f"iteration {state.iteration}: {len(bad)} tensors of the weights / optimizer state are not finite "
+            f"iteration {state.iteration}: {len(bad)} tensors of the weights / their average / optimizer state are not finite "
             f"(e.g. {', '.join(bad[:3])}); {path.name} was not written and {kept}. "
             f"Lower train.lr, lengthen train.warmup_iterations or set train.clip_grad_norm.")
     rng = distributed.all_gather_object(capture_rng_state())  # every rank's state, for exact resume
@@ -592,7 +605,7 @@ def save_checkpoint(parts: TrainingParts, state: TrainingState, path: Path) -> N
         atomic_save(training_state(model=parts.model, config=parts.config, optimizer=parts.optimizer,
                                    scheduler=parts.scheduler, scaler=parts.scaler, iteration=state.iteration,
                                    rng=rng, data_position=_data_position(parts, state),
-                                   best_metric=state.best_metric, categories=parts.categories), path)
+                                   best_metric=state.best_metric, categories=parts.categories, ema=parts.ema), path)
     if path == parts.last_path:
         state.saved_at = state.iteration
 
@@ -607,7 +620,7 @@ def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
     """Evaluates on the validation set, logs the metrics and keeps `best.pth` for the best one so far."""
     started = time.perf_counter()
     output_dir = parts.last_path.parent
-    full = evaluate_model(parts.model, parts.val_dataset, config=parts.config, device=parts.device,
+    full = evaluate_model(parts.run_model(), parts.val_dataset, config=parts.config, device=parts.device,
                           context=parts.context,
                           results_path=output_dir / "results.json" if parts.context.is_main else None)
     metrics = flatten_metrics(full)

@@ -8,6 +8,10 @@ exactly where it stopped:
      "scaler": ..., "rng": [state of rank 0, state of rank 1, ...], "data_position": {...},
      "best_metric": float | None, "categories": [COCO category dicts of the training data]}
 
+With `train.ema_decay` on, "model" is the moving average of the weights once it has started, and
+the checkpoint also holds "training_model" (the weights being trained) and "ema_updates"
+(engine/ema.py).
+
 Like every checkpoint it is written by `checkpoint.format.atomic_save` and read with
 `torch.load(..., weights_only=True)` (`checkpoint.format.read_checkpoint`), so everything in it
 is a tensor or a plain Python container.
@@ -26,8 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from maskrcnn.checkpoint.format import FORMAT, read_checkpoint
+from maskrcnn.engine.ema import ema_checkpoint_entries, restore_ema
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -104,16 +110,18 @@ def training_state(
     data_position: dict,
     best_metric: float | None,
     categories: list[dict] | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict:
     """The checkpoint dict of a run after `iteration` completed iterations (module docstring).
 
     `categories` are the training data's COCO categories (names, ids, keypoint names and
-    skeleton), so that `predict` and `evaluate` can name the labels without the data."""
+    skeleton), so that `predict` and `evaluate` can name the labels without the data.
+    `ema`: the moving average of the weights (engine/ema.py), or None when it is off."""
     config_dict = dataclasses.asdict(config)
     return {
         "format": FORMAT,
         "model_config": config_dict["model"],
-        "model": unwrap_model(model).state_dict(),
+        **ema_checkpoint_entries(unwrap_model(model), ema),
         "config": config_dict,
         "iteration": int(iteration),
         "optimizer": optimizer.state_dict(),
@@ -143,12 +151,14 @@ def restore_training_state(
     scheduler: Any | None,
     scaler: torch.amp.GradScaler | None,
     rank: int = 0,
+    ema: AveragedModel | None = None,
 ) -> int:
-    """Load model, optimizer, scheduler, scaler and this rank's random state; returns the iteration.
+    """Load model, optimizer, scheduler, scaler, the weights' average and this rank's random state;
+    returns the iteration.
 
     scheduler None: leave it out (the trainer rebuilds its schedule from the config instead).
     """
-    unwrap_model(model).load_state_dict(checkpoint["model"])
+    restore_ema(checkpoint, model=unwrap_model(model), ema=ema)
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
