@@ -5,12 +5,16 @@ torchvision's 800 px, seeded random weights with the box score threshold at 0 so
 gets `--detections` detections, one `--size` image decoded from a JPEG file. It reports the
 process's peak RSS and the RSS before the prediction (weights, libraries, the decoded image):
 
-  compact  `engine.predict.predict` as `maskrcnn predict` runs it: masks kept 28 x 28 over their
-           boxes and pasted a few at a time for drawing and RLE encoding
-  dense    the former pipeline: `model([image])` pastes every mask at the image size, the
-           detections are selected (`output[keep]`, a copy), drawn and RLE-encoded all at once
+  compact  `engine.predict.predict` as `maskrcnn predict` runs it: the image kept uint8, masks kept
+           28 x 28 over their boxes and pasted a few at a time for drawing and RLE encoding
+  cli      `maskrcnn predict --weights CKPT IMAGE` itself, CKPT a training checkpoint (the model
+           and an AdamW state, as `last.pth` holds them): "RSS before" is then the process before
+           `main()` (torch imported, nothing loaded)
+  dense    the former pipeline: `model([image])` on the float image pastes every mask at the image
+           size, the detections are selected (`output[keep]`, a copy), drawn and RLE-encoded at once
 
     python benchmarks/predict_memory.py                       # compact, 100 detections, 4000 x 3000
+    python benchmarks/predict_memory.py --mode all --detections 20 100
     python benchmarks/predict_memory.py --mode dense --detections 10
 """
 
@@ -91,18 +95,70 @@ def child(mode: str, detections: int, path: Path, threads: int) -> dict:
             "peak_rss_mb": round(_peak_mb()), "seconds": round(seconds, 1)}
 
 
+def save_training_checkpoint(path: Path, detections: int) -> None:
+    """The benchmark's model as `maskrcnn train` leaves it: weights, config and an AdamW state."""
+    import torch
+
+    from maskrcnn.checkpoint import save_checkpoint
+
+    model = _model(detections)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # creates the state: two tensors the size of each parameter
+    save_checkpoint(path, model, model_config=model.config, optimizer=optimizer.state_dict(), iteration=1)
+
+
+def child_cli(image: Path, checkpoint: Path, threads: int) -> dict:
+    """`maskrcnn predict` in this (fresh) process, as a user runs it."""
+    import torch
+
+    from maskrcnn.cli import main as cli_main
+
+    before = _current_mb()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        torch.set_num_threads(threads)
+        code = cli_main(["predict", "--weights", str(checkpoint), str(image), "--out", folder, "--score-threshold", "0"])
+        results = json.loads((Path(folder) / "results.json").read_text())
+    if code != 0:
+        raise SystemExit(f"maskrcnn predict exited {code}")
+    size = list(_image_size(image))
+    return {"mode": "cli", "detections": len(results), "size": size, "rss_before_mb": round(before),
+            "peak_rss_mb": round(_peak_mb()), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def _measure(command: list[str]) -> dict:
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("compact", "dense", "both"), default="compact")
+    parser.add_argument("--mode", choices=("compact", "cli", "dense", "all"), default="compact")
     parser.add_argument("--detections", type=int, nargs="+", default=[100])
     parser.add_argument("--size", type=int, nargs=2, default=(3000, 4000), metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", metavar="IMAGE", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--save-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.mode, args.detections[0], Path(args.child), args.threads)))
+    if args.save_checkpoint:
+        save_training_checkpoint(args.save_checkpoint, args.detections[0])
         return
-    modes = ("compact", "dense") if args.mode == "both" else (args.mode,)
+    if args.child:
+        image = Path(args.child)
+        row = (child_cli(image, args.checkpoint, args.threads) if args.mode == "cli"
+               else child(args.mode, args.detections[0], image, args.threads))
+        print(json.dumps(row))
+        return
+    modes = ("compact", "cli", "dense") if args.mode == "all" else (args.mode,)
     folder = tempfile.TemporaryDirectory()
     image = Path(folder.name) / "large.jpg"
     _image(image, *args.size)
@@ -111,7 +167,13 @@ def main() -> None:
         for detections in args.detections:
             command = [sys.executable, __file__, "--child", str(image), "--mode", mode, "--detections", str(detections),
                        "--threads", str(args.threads)]
-            row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            if mode == "cli":
+                checkpoint = Path(folder.name) / f"last_{detections}.pth"
+                if not checkpoint.exists():  # made in its own process, which is not measured
+                    subprocess.run([sys.executable, __file__, "--save-checkpoint", str(checkpoint), "--detections",
+                                    str(detections)], check=True)
+                command += ["--checkpoint", str(checkpoint)]
+            row = _measure(command)
             print(f"{row['mode']:<9} {row['detections']:>10}  {row['size'][0]} x {row['size'][1]:<5}  "
                   f"{row['rss_before_mb']:>7} MB  {row['peak_rss_mb']:>5} MB  {row['peak_rss_mb'] - row['rss_before_mb']:>10} MB"
                   f"  {row['seconds']:>7}")

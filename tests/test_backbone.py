@@ -148,3 +148,29 @@ def test_other_widths_and_detectron2_frozen_bn():
     x = torch.randn(2, 8, 5, 5, generator=g)
     torch.testing.assert_close(detectron(x), frozen(x), rtol=1e-6, atol=1e-6)
     assert list(detectron.state_dict()) == list(frozen.state_dict())
+
+
+def test_frozen_bn_equals_torchvision_to_the_bit_and_leaves_its_input():
+    from maskrcnn.model.layers import FrozenBatchNorm2d as OurFrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    theirs, ours = FrozenBatchNorm2d(16), OurFrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(theirs, name).normal_()
+    theirs.running_var.uniform_(0.1, 2.0)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 16, 9, 11)
+    before = x.clone()
+    assert torch.equal(ours(x), theirs(x)) and torch.equal(x, before)
+
+
+def test_fpn_release_inputs_frees_the_levels_and_changes_no_number():
+    torch.manual_seed(0)
+    backbone = ResNetFPN(depth=18, norm="frozen_bn", trainable_stages=3).eval()
+    with torch.no_grad():
+        features = backbone.body(torch.randn(1, 3, 64, 96))
+        kept = backbone.fpn(list(features))
+        given = list(features)
+        released = backbone.fpn(given, release_inputs=True)
+    assert given == [None, None, None, None]  # every C-level let go once used
+    assert all(torch.equal(a, b) for a, b in zip(kept, released, strict=True))

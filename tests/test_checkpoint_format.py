@@ -81,6 +81,18 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint({"model": {}})
 
 
+def test_mapped_reading_gives_the_same_checkpoint_and_falls_back_for_old_files(tmp_path):
+    """read_checkpoint(mmap=True), as the CLI loads models: the same tensors; a file in torch's
+    legacy (non-zip) format, which cannot be mapped, is read as before."""
+    state = {"format": "maskrcnn/1", "model": {"w": torch.randn(5, 3)}, "optimizer": {"state": {0: torch.ones(4)}}}
+    for legacy in (False, True):
+        path = tmp_path / f"legacy{legacy}.pth"
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        mapped = read_checkpoint(path, mmap=True)
+        assert torch.equal(mapped["model"]["w"], state["model"]["w"])
+        assert torch.equal(mapped["optimizer"]["state"][0], torch.ones(4))
+
+
 def test_reader_refuses_pickled_code_and_names_the_file(tmp_path):
     pickled_model = tmp_path / "whole_model.pth"
     torch.save(torch.nn.Linear(2, 2), pickled_model)  # unpickling it would import and build classes

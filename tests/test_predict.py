@@ -133,6 +133,23 @@ def test_predict_cli_processes_other_suffixes_and_names_the_skipped_files(tmp_pa
     assert "skipped 1 file(s) that are neither images nor videos" in captured.err and "readme.md" in captured.err
 
 
+def test_predict_gives_the_models_detections_on_the_decoded_floats(tmp_path):
+    """predict keeps images uint8 while our model runs: the results are model([decode_image(path)])'s."""
+    from maskrcnn.data.coco import decode_image
+    from maskrcnn.engine.evaluation import predictions_to_coco
+
+    model = tiny_model("all", score_thresh=0.0)
+    folder = _folder(tmp_path)
+    report = predict(model, [folder / "a_rgb.png"], out_dir=tmp_path / "o", device="cpu", score_threshold=0.0,
+                     save_masks="none")
+    with torch.no_grad():
+        output = model.detect([decode_image(folder / "a_rgb.png")], paste_masks=False)[0]
+    plain = {key: value for key, value in output.items() if key in ("boxes", "labels", "scores", "keypoints")}
+    expected = predictions_to_coco(plain, image_id=1, category_ids=torch.arange(int(output["labels"].max()) + 1))
+    got = json.loads(report.results_path.read_text())
+    assert len(expected) > 0 and [{k: v for k, v in r.items() if k != "file_name"} for r in got] == expected
+
+
 def test_torchvision_mask_rcnn_runs_through_predict(tmp_path):
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

@@ -72,6 +72,23 @@ def test_a_list_runs_batched_like_the_model_on_that_batch(model):
         _assert_same(result, reference)
 
 
+def test_uint8_tensors_reach_our_model_as_they_are_and_other_models_as_floats(model):
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    pixels = torch.from_numpy(_pixels(4)).permute(2, 0, 1)  # uint8 [3, H, W]
+    result = Predictor(model, device="cpu", score_threshold=THRESHOLD).predict_tensors([pixels])[0]
+    _assert_same(result, _reference(model, [_pixels(4)])[0])
+    torch.manual_seed(0)
+    theirs = MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5), num_classes=3,
+                      min_size=64, max_size=64, box_score_thresh=0.0).eval()  # its transform wants floats
+    predictor = Predictor(theirs, device="cpu", score_threshold=0.0)
+    from_pixels, from_floats = predictor.predict_tensors([pixels])[0], predictor.predict_tensors([pixels.float() / 255])[0]
+    assert len(from_floats["boxes"]) > 0
+    for key in ("boxes", "scores", "masks"):
+        assert torch.equal(from_pixels[key], from_floats[key]), key
+
+
 def test_results_name_their_classes_and_category_ids(model):
     result = Predictor(model, device="cpu", score_threshold=THRESHOLD, categories=CATEGORIES)(_pixels(0))
     by_label = {1: ("square", 3), 2: ("circle", 7), 3: ("star", 11)}  # labels follow ascending ids

@@ -112,7 +112,27 @@ def test_bad_images_name_the_image():
     with pytest.raises(ValueError, match="image 1"):
         ours([torch.rand(3, 10, 10), torch.rand(10, 10)])
     with pytest.raises(TypeError, match="image 0"):
-        ours([torch.zeros(3, 10, 10, dtype=torch.uint8)])
+        ours([torch.zeros(3, 10, 10, dtype=torch.int32)])
+
+
+@pytest.mark.parametrize("detectron2_pixels", [False, True])
+def test_uint8_images_give_the_numbers_of_their_floats_to_the_bit(tmp_path, detectron2_pixels):
+    """A uint8 image is read as pixel / 255, decode_image's float: the same batch, bit for bit,
+    also with BGR channels and 0-255 units (detectron2's weights)."""
+    import numpy as np
+    from PIL import Image
+
+    from maskrcnn.data.coco import decode_image
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 110, 3), dtype=np.uint8)).save(path)
+    pixels, floats = decode_image(path, keep_uint8=True), decode_image(path)
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels.float() / 255, floats)
+    ours = ImageTransform(min_size=(80,), min_size_test=80, max_size=120, image_mean=MEAN, image_std=STD,
+                          **({"channel_order": "BGR", "pixel_scale": 255.0} if detectron2_pixels else {})).eval()
+    from_pixels, from_floats = ours([pixels])[0], ours([floats])[0]
+    assert torch.equal(from_pixels.tensors, from_floats.tensors) and from_pixels.image_sizes == from_floats.image_sizes
+    assert torch.equal(pixels, decode_image(path, keep_uint8=True))  # the input is left as it was
 
 
 def test_detectron2_input_convention_and_rounded_sizes():

@@ -35,18 +35,34 @@ def _device(name: str):
 
 
 def _load_model(path: str | Path, device) -> tuple:
-    """(model in eval mode on `device`, the checkpoint dict)."""
+    """(model in eval mode on `device`, the checkpoint's entries other than tensors: config,
+    categories, labels...). The weights and the optimizer state are not kept: they would double
+    the model's memory (or triple it, with AdamW's state) while it runs."""
     from maskrcnn.checkpoint.format import load_checkpoint, read_checkpoint
 
     try:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, mmap=True)  # the weights are copied into the model, then unmapped
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from None
     try:
         model = load_checkpoint(checkpoint)
     except (KeyError, ValueError, RuntimeError) as error:
         raise CommandError(f"cannot build the model from {path}: {error}") from None
-    return model.to(device).eval(), checkpoint
+    metadata = {key: value for key, value in checkpoint.items() if not _holds_tensors(value)}
+    del checkpoint
+    return model.to(device).eval(), metadata
+
+
+def _holds_tensors(value) -> bool:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(item) for item in value)
+    return False
 
 
 def _shapes_paths(data: dict) -> dict:

@@ -23,6 +23,7 @@ import re
 import socket
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +132,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_config: ModelCo
 
 
 # --------------------------------------------------------------------------- reading
-def read_weights_file(path: str | Path, *, map_location: str | torch.device = "cpu", what: str = "weights") -> Any:
+def read_weights_file(path: str | Path, *, map_location: str | torch.device = "cpu", what: str = "weights",
+                      mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` with errors that name the file: FileNotFoundError
     when it does not exist, ValueError when it holds more than tensors and containers (a whole
-    pickled model) or is not a torch file at all."""
+    pickled model) or is not a torch file at all.
+
+    mmap: map the file instead of reading it (files in torch's zip format; others are read), so
+    that only the tensors that are used take memory: copying the weights out of a training
+    checkpoint leaves its optimizer state on disk. For reading weights to copy, not to keep: a
+    kept tensor stays backed by the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         pickled_class = re.search(r"GLOBAL (\S+)", str(error))  # torch names the class it refused
@@ -173,9 +183,10 @@ def check_format(checkpoint: Any, *, where: str) -> dict:
     return checkpoint
 
 
-def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
-    """One of our checkpoint files, read with weights_only=True; clear errors otherwise."""
-    checkpoint = read_weights_file(path, map_location=map_location, what="checkpoint")
+def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """One of our checkpoint files, read with weights_only=True (mmap: see read_weights_file);
+    clear errors otherwise."""
+    checkpoint = read_weights_file(path, map_location=map_location, what="checkpoint", mmap=mmap)
     return check_format(checkpoint, where=f"checkpoint {path}")
 
 

@@ -40,13 +40,17 @@ from maskrcnn.data.masks import InstanceMasks
 __all__ = ["CocoDataset", "CocoFormatError", "Problem", "decode_image", "image_to_tensor", "read_image_header"]
 
 
-def decode_image(path: Path, *, apply_exif: bool = True) -> torch.Tensor:
-    """float32 [3, H, W] in 0-1 from grayscale, RGB, RGBA (alpha dropped), palette, CMYK, 16-bit."""
+def decode_image(path: Path, *, apply_exif: bool = True, keep_uint8: bool = False) -> torch.Tensor:
+    """float32 [3, H, W] in 0-1 from grayscale, RGB, RGBA (alpha dropped), palette, CMYK, 16-bit.
+
+    keep_uint8: 8-bit images come back as uint8 [3, H, W] (a quarter of the memory; the model
+    reads them as pixel / 255, the same numbers); 16-bit and float images stay float32.
+    """
     with Image.open(path) as image:
-        return image_to_tensor(image, apply_exif=apply_exif)
+        return image_to_tensor(image, apply_exif=apply_exif, keep_uint8=keep_uint8)
 
 
-def image_to_tensor(image: Image.Image, *, apply_exif: bool = True) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, *, apply_exif: bool = True, keep_uint8: bool = False) -> torch.Tensor:
     """A PIL image in any mode -> float32 [3, H, W] in 0-1 (decode_image's conversion)."""
     if apply_exif:
         image = ImageOps.exif_transpose(image)
@@ -58,8 +62,9 @@ def image_to_tensor(image: Image.Image, *, apply_exif: bool = True) -> torch.Ten
         return torch.from_numpy(grey)[None].expand(3, -1, -1).contiguous()
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+    # uint8 [3, H, W], a view of the [H, W, 3] array; the float copy keeps its strides
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return pixels if keep_uint8 else pixels.float().div_(255.0)
 
 
 class CocoDataset(torch.utils.data.Dataset):

@@ -6,8 +6,9 @@ suffix...), a video when its suffix is a video one; the other files are listed a
 path that does not exist, an image that cannot be decoded or on which the model fails is reported
 with its name and skipped; the other inputs are still processed (`PredictionReport.problems`).
 
-Masks stay `[N, 1, 28, 28]` over their boxes (`Predictor(masks="box")`) and are pasted a few at a
-time where they must be dense (drawing, RLE, PNG), so memory does not grow with N * H * W.
+Images stay uint8 while the model runs (a quarter of float32's memory). Masks stay
+`[N, 1, 28, 28]` over their boxes (`Predictor(masks="box")`) and are pasted a few at a time where
+they must be dense (drawing, RLE, PNG), so memory does not grow with N * H * W.
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ class _Writer:
     save_masks: str
 
     def draw_picture(self, image: torch.Tensor, result: Mapping) -> torch.Tensor:
-        """`uint8 [3, H, W]` with masks (pasted in chunks), boxes, names and keypoints."""
-        canvas = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        """`image` (uint8, or floats in 0-1) -> `uint8 [3, H, W]` with masks (pasted in chunks), boxes,
+        names and keypoints."""
+        canvas = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
         size = (canvas.shape[-2], canvas.shape[-1])
         if "masks" in result and len(result["masks"]):
             colors = [label_color(label) for label in result["labels"].tolist()]
@@ -225,7 +227,7 @@ def _predict_images(writer: _Writer, images: list[Path], report: PredictionRepor
         batch: list[tuple[Path, torch.Tensor]] = []
         for path in images[start : start + batch_size]:
             try:
-                batch.append((path, decode_image(path)))
+                batch.append((path, decode_image(path, keep_uint8=True)))  # the model reads uint8 too
             except (UnidentifiedImageError, OSError, ValueError) as error:
                 report.problems.append(f"{path}: cannot read image ({error})")
         for (path, image), result in zip(batch, _run(writer.predictor, batch, report)):

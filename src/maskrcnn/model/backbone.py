@@ -69,7 +69,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        out += shortcut  # in place, as torchvision's Bottleneck: the same numbers, one temporary fewer
+        return self.relu(out)
 
 
 class ResNetBody(nn.Module):
@@ -164,14 +165,23 @@ class FPN(nn.Module):
     def _output(self, level: int, feature: Tensor) -> Tensor:
         return self.output_norms[level](self.output_convs[level](feature))
 
-    def forward(self, features: list[Tensor]) -> list[Tensor]:
-        """`features`: C2..C5, finest first. Returns P2..P6, each `[B, out_channels, H_l, W_l]`."""
+    def forward(self, features: list[Tensor], *, release_inputs: bool = False) -> list[Tensor]:
+        """`features`: C2..C5, finest first. Returns P2..P6, each `[B, out_channels, H_l, W_l]`.
+
+        release_inputs: empty `features` level by level as the top-down pass is done with each, so
+        that (without autograd holding them) C5..C2 are freed early: at 800 x 1067, 104 MB less
+        at the P2 output conv, the backbone's peak."""
         top_down = self._lateral(len(features) - 1, features[-1])
+        if release_inputs:
+            features[-1] = None
         outputs = [self._output(len(features) - 1, top_down)]
         for level in range(len(features) - 2, -1, -1):
             lateral = self._lateral(level, features[level])
-            # size= rather than scale_factor=2: odd sizes upsample to the lateral's exact shape
-            top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            if release_inputs:
+                features[level] = None
+            # size= rather than scale_factor=2: odd sizes upsample to the lateral's exact shape. In
+            # place on the lateral (the values of torchvision's `lateral + upsampled`).
+            top_down = lateral.add_(F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest"))
             outputs.insert(0, self._output(level, top_down))
         # P6: kernel 1, stride 2 (a subsampling, not a real pooling), as in torchvision and detectron2
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
@@ -209,7 +219,8 @@ class ResNetFPN(nn.Module):
         self.out_channels = fpn_channels
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        pyramid = self.fpn(self.body(images))
+        features = self.body(images)
+        pyramid = self.fpn(features, release_inputs=True)  # the list is ours: free C5..C2 as they are used
         return OrderedDict(zip(self.feature_names, pyramid))
 
 

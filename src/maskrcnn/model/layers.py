@@ -13,7 +13,8 @@ from functools import partial
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
+from torchvision.ops import Conv2dNormActivation
+from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
 NORMS = ("none", "frozen_bn", "frozen_bn_detectron2", "bn", "gn")
 BACKBONE_NORMS = ("frozen_bn", "frozen_bn_detectron2", "bn", "gn")
@@ -23,6 +24,17 @@ GROUP_NORM_GROUPS = 32
 # The backbone's outputs, torchvision's names: P2..P5 (strides 4..32) and P6 ("pool", stride 64).
 FPN_LEVEL_NAMES = ("0", "1", "2", "3", "pool")
 ROI_LEVEL_NAMES = FPN_LEVEL_NAMES[:4]  # the RoI heads pool from P2..P5; P6 only feeds the RPN
+
+
+class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d, to the bit (`x * scale + shift`, rounded the same way),
+    with the shift added in place: one full-size temporary fewer per norm (on an 800 x 1067
+    image, 56 MB at the stem and in every res2 block)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return (x * scale).add_(shift)
 
 
 class DetectronFrozenBatchNorm2d(FrozenBatchNorm2d):

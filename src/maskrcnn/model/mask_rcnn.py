@@ -1,6 +1,6 @@
 """Mask R-CNN: transform -> backbone -> RPN -> RoI heads -> postprocess (He et al. 2017, Fig. 1).
 
-`model(images)` in eval mode takes a list of `[3, H, W]` float images in 0-1 and returns one dict
+`model(images)` in eval mode takes a list of `[3, H, W]` images (floats in 0-1, or uint8) and returns one dict
 per image (`boxes`, `labels`, `scores`, and `masks [N, 1, H, W]` / `keypoints [N, K, 3]` /
 `keypoints_scores [N, K]` when those heads exist), at the original image size.
 `model(images, targets)` in train mode returns the losses under torchvision's names.
