@@ -16,7 +16,7 @@ from torchvision.ops import box_iou
 
 from maskrcnn.checkpoint.torchvision import from_torchvision
 from maskrcnn.engine.cpu_inference import has_fast_bf16, optimize_for_cpu, read_cpu_flags
-from maskrcnn.model.onednn import FusedConv2d, PrepackedConv2d
+from maskrcnn.model.onednn import FusedConv2d, FusedResidualBlock, PrepackedConv2d
 
 SETTINGS = dict(min_size=96, max_size=160, box_score_thresh=0.0, box_detections_per_img=20,
                 rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=200)
@@ -73,6 +73,9 @@ def test_fast_equals_torchvision_stage_by_stage(torchvision_model, ours):
     fast = optimize_for_cpu(ours, mode="fast", num_threads=THREADS)
     assert fast.inference_mode == "fast"
     assert any(isinstance(m, FusedConv2d) for m in fast.backbone.modules())
+    # every one of ResNet-50's 16 bottlenecks fused whole: no norm left to run on its own
+    assert sum(isinstance(m, FusedResidualBlock) for m in fast.backbone.body.modules()) == 16
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backbone.body.modules())
     theirs = torchvision_model
     images = make_images()
     with torch.no_grad():

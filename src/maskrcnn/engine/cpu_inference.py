@@ -169,13 +169,15 @@ def _cast_unfused(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _cast_around(module: nn.Module, inputs: torch.dtype, outputs: torch.dtype, *, channels_last: bool) -> None:
     """Hooks that cast `module`'s float tensor inputs to `inputs` (channels_last when asked) and
-    its float tensor outputs (also inside lists, tuples and dicts) to `outputs`."""
+    its float tensor outputs (also inside lists, tuples and dicts) to `outputs`, in the default
+    layout: torchvision's RoIAlign copies any other layout to it in every call (the poolers call it
+    once per level and thread: eight copies of P2 per image), and a cast copies anyway."""
 
     def cast(value, dtype, layout):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             if layout and value.dim() == 4:
                 return to_layout(value, dtype)
-            return value.to(dtype)
+            return value.to(dtype) if layout else value.to(dtype, memory_format=torch.contiguous_format)
         if isinstance(value, (list, tuple)):
             return type(value)(cast(v, dtype, layout) for v in value)
         if isinstance(value, dict):

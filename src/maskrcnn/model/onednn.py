@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.model.backbone import Bottleneck
+
+# The residual blocks fused whole: torchvision's (its ResNets) and ours (model/backbone.py: ResNet-50
+# and deeper, ResNeXt, stride in the 1x1 conv), which have the same convs, norms and shortcut.
+RESIDUAL_BLOCKS = (BasicBlock, TorchvisionBottleneck, Bottleneck)
 
 # F.conv2d's choice between oneDNN and its own kernels (ATen's ConvParams::use_mkldnn, fp32, CPU,
 # batch-1 inputs below this size use the native path); PrepackedConv2d makes the same choice.
@@ -123,13 +130,13 @@ class FusedConv2d(nn.Module):
 
 
 class FusedResidualBlock(nn.Module):
-    """torchvision's `Bottleneck` or `BasicBlock` as fused convs: the last conv adds the shortcut
-    and applies the ReLU in the same call. `[B, C, H, W]` -> `[B, C', H / s, W / s]`."""
+    """A ResNet block (one of RESIDUAL_BLOCKS) as fused convs: the last conv adds the shortcut and
+    applies the ReLU in the same call. `[B, C, H, W]` -> `[B, C', H / s, W / s]`."""
 
-    def __init__(self, block: Bottleneck | BasicBlock, *, dtype: torch.dtype) -> None:
+    def __init__(self, block: nn.Module, *, dtype: torch.dtype) -> None:
         super().__init__()
         pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-        if isinstance(block, Bottleneck):
+        if not isinstance(block, BasicBlock):  # a bottleneck
             pairs.append((block.conv3, block.bn3))
         *inner, (last_conv, last_norm) = pairs
         self.inner = nn.ModuleList(FusedConv2d(c, norm=n, relu=True, dtype=dtype) for c, n in inner)
@@ -146,9 +153,9 @@ class FusedResidualBlock(nn.Module):
 
 
 def block_is_fusable(block: nn.Module) -> bool:
-    if not isinstance(block, (Bottleneck, BasicBlock)):
+    if not isinstance(block, RESIDUAL_BLOCKS):
         return False
-    norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
+    norms = [block.bn1, block.bn2] + ([] if isinstance(block, BasicBlock) else [block.bn3])
     if block.downsample is not None:
         norms.append(block.downsample[1])
     return all(foldable(n) for n in norms)
