@@ -11,7 +11,8 @@ Modes (`INFERENCE_MODES`):
   `roi_align` split over threads, masks pasted torchvision's way (its exact numbers) in threads.
 - "fast" (the default): strict's allocator and threads, plus every convolution with its frozen
   BatchNorm folded in and ReLU / residual addition fused into one oneDNN call on channels_last
-  activations (`FusedConv2d`). Within float tolerance of the eager model; masks pasted batched.
+  activations (`FusedConv2d`); the features leave the backbone in NCHW, the layout RoIAlign's
+  kernel reads. Within float tolerance of the eager model; masks pasted batched.
 - "bf16": fast, with the convolutions and fully connected layers in bfloat16 on CPUs whose AMX
   units do bf16 (the `amx_bf16` CPU flag). Anchors, box decoding, NMS, RoIAlign and pasting stay
   fp32. Without AMX it falls back to "fast" and warns: bf16 there is slower than fp32.
