@@ -9,15 +9,7 @@ import torch
 
 from maskrcnn.engine import run_outputs, trainer
 from maskrcnn.engine.training_state import load_training_state
-from test_trainer import Rectangles, tiny_config, tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_trainer import Rectangles, _one_thread, tiny_config, tiny_model  # noqa: F401 (_one_thread: autouse fixture)
 
 
 def _checkpoints(folder, iterations):

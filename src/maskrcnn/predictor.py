@@ -79,8 +79,8 @@ class Predictor:
         self.label_names: dict[int, str] = label_names(table) if table else {}
         self.category_ids: Tensor | None = category_id_table(table) if table else None
         # Only our model can keep masks over their boxes; others always paste.
-        self.masks_over_boxes = masks == "box" and hasattr(model, "detect")
-        self.reads_uint8 = hasattr(model, "detect")  # our MaskRCNN's transform reads uint8 images
+        self.reads_uint8 = hasattr(model, "detect")  # our MaskRCNN: its transform reads uint8 images
+        self.masks_over_boxes = masks == "box" and self.reads_uint8
         self.paste_aligned = bool(getattr(model, "paste_aligned", False))
 
     def _for_device(self, model: nn.Module, inference_mode: str) -> nn.Module:
@@ -112,7 +112,7 @@ class Predictor:
         for start in range(0, len(images), self.batch_size):
             batch = [image.to(self.device) for image in images[start : start + self.batch_size]]
             if not self.reads_uint8:
-                batch = [image.float().div_(255.0) if image.dtype == torch.uint8 else image for image in batch]
+                batch = [_tensor_image(image, index=start + i) for i, image in enumerate(batch)]
             if self.masks_over_boxes:
                 outputs = self.model.detect(batch, paste_masks=False)
             else:
