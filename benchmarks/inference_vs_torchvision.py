@@ -12,6 +12,9 @@ The allocator setting is process-wide, so in that process it is left alone and m
 `--processes N` alternates N processes with glibc's default allocator and N with
 `keep_allocator_off_mmap`, each timing torchvision and the modes, and prints the ratios.
 Nothing is downloaded: torchvision's model has seeded random weights.
+
+`--results docs/results.md` rewrites the marked table block there from this run's figures (the
+README links to it), and `--json FILE` keeps them as numbers.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
+from maskrcnn._markdown import rewrite_block
 from maskrcnn.checkpoint.torchvision import from_torchvision
 from maskrcnn.engine import cpu_inference
 from maskrcnn.engine.cpu_inference import optimize_for_cpu
@@ -146,12 +152,13 @@ def compare_end_to_end(got: list[dict], expected: list[dict]) -> str:
                 return f"{key}: shape {tuple(g[key].shape)} vs {tuple(e[key].shape)}"
             if not torch.equal(g[key], e[key]):
                 diff = (g[key].float() - e[key].float()).abs().max().item()
-                return f"{key} differ, max |difference| {diff:.2e}"
+                return f"{key} differ, by up to {diff:.2e}"
     return "identical (boxes, labels, scores, masks: torch.equal)"
 
 
-def compare_stages(model, theirs, images) -> str:
-    """The stages of `model` on torchvision's own inputs: max differences, in the issue's units."""
+def compare_stages(model, theirs, images) -> tuple[str, str]:
+    """The stages of `model` on torchvision's own inputs: max differences, in the issue's units (the
+    features alone, and every stage)."""
     with torch.no_grad():
         batch, _ = theirs.transform(images)
         sizes = [tuple(s) for s in batch.image_sizes]
@@ -170,8 +177,9 @@ def compare_stages(model, theirs, images) -> str:
         given = [{"boxes": e["boxes"], "labels": e["labels"]} for e in expected]
         model.roi_heads.run_on_boxes(features, sizes, given)
         mask_error = max((g["masks"] - e["masks"]).abs().max().item() for g, e in zip(given, expected) if "masks" in e)
-    return (f"features {feature_error:.1e} of their scale; on torchvision's proposals: same labels {same_labels}, "
-            f"boxes {box_error:.1e} px, scores {score_error:.1e}; 28x28 mask probabilities {mask_error:.1e}")
+    features = f"features within {feature_error:.1e} of their scale"
+    return features, (f"{features}; on torchvision's proposals: same labels {same_labels}, boxes {box_error:.1e} px, "
+                      f"scores {score_error:.1e}; 28x28 mask probabilities {mask_error:.1e}")
 
 
 def child(args) -> None:
@@ -183,7 +191,7 @@ def child(args) -> None:
     print("RESULT " + json.dumps({name: times["total"] for name, times in medians.items()}), flush=True)
 
 
-def alternate_processes(args) -> None:
+def alternate_processes(args) -> dict[str, dict[str, float]]:
     """N processes with each allocator setting, alternating; medians of each model's totals."""
     totals: dict[str, dict[str, list[float]]] = {"default": {}, "heap": {}}
     for _ in range(args.processes):
@@ -205,6 +213,7 @@ def alternate_processes(args) -> None:
     for name in heap:
         if name != "torchvision":
             print(f"  {name:12s} {reference / heap[name]:.2f}x torchvision")
+    return {"default": default, "heap": heap}
 
 
 def parse_args() -> argparse.Namespace:
@@ -220,34 +229,93 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=0,
                         help="then alternate this many processes per allocator setting (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, help="rewrite the marked table block in this Markdown file")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--child", choices=("default", "heap"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                        if k not in ("processes", "child", "modes")] + [f"--modes={args.modes}"]
+                        if k not in ("processes", "child", "modes", "results", "json")] + [f"--modes={args.modes}"]
     args.modes = [m for m in args.modes.split(",") if m]
     return args
+
+
+def compare_outputs(mode: str, model, theirs, images, outputs) -> str:
+    """How `mode`'s outputs compare with torchvision's, as the tests check them: end to end for eager
+    and strict, stage by stage for fast; bf16's features (on random weights its near-tied class
+    scores reorder: its accuracy is the AP of a trained model, benchmarks/bf16_accuracy.py)."""
+    end_to_end = compare_end_to_end(outputs[mode], outputs["torchvision"])
+    print(f"{mode}: end to end {end_to_end}")
+    if mode not in ("fast", "bf16"):
+        return f"end to end: {end_to_end}"
+    features, stages = compare_stages(model, theirs, images)
+    print(f"{mode}: stage by stage {stages}")
+    return f"stage by stage: {stages}" if mode == "fast" else f"{features} (its AP: bf16_accuracy.py)"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the instruction sets the fast paths look for."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} CPUs, {vector}" + (", AMX bf16" if "amx_bf16" in flags else "")
+
+
+def markdown(args, medians: dict, outputs: dict[str, str], processes: dict | None, loads: tuple) -> str:
+    """The results block: the one-process table, then the allocator processes' "as shipped" line."""
+    reference = medians["torchvision"]
+    columns = [*STAGES[1:], "total"]
+    lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_description()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+             f"load average {loads[0]:.1f} before / {loads[1]:.1f} after; `python benchmarks/"
+             f"inference_vs_torchvision.py {' '.join(sys.argv[1:])}`. {args.images} image of "
+             f"{args.height} x {args.width} at {args.size} px, median of {args.repeats} interleaved runs in one "
+             "process with glibc's default allocator, torchvision / ours:", "",
+             "| mode | " + " | ".join(columns) + " | outputs |", "|---" * (len(columns) + 2) + "|",
+             "| torchvision | " + " | ".join(f"{reference[c] * 1000:.0f} ms" for c in columns) + " | |"]
+    for name, times in medians.items():
+        if name != "torchvision":
+            ratios = [f"{reference[c] / times[c]:.2f}x" for c in columns]
+            ratios[-1] = f"**{ratios[-1]}**"
+            lines.append(f"| {name} | " + " | ".join(ratios) + f" | {outputs[name]} |")
+    if processes:
+        default, heap = processes["default"], processes["heap"]
+        shipped = ", ".join(f"{name} **{default['torchvision'] / heap[name]:.2f}x**" for name in heap
+                            if name != "torchvision")
+        lines += ["", f"Then {args.processes} process(es) with glibc's default allocator alternating with "
+                  f"{args.processes} that keep it off mmap (as `optimize_for_cpu` sets up strict, fast and bf16), "
+                  "median total: " + ", ".join(f"{n} {default[n]:.2f} -> {heap[n]:.2f} s" for n in default)
+                  + f". As shipped (torchvision with the default allocator, ours off mmap): {shipped}."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = parse_args()
     if args.child:
         return child(args)
+    load_before = os.getloadavg()[0]
     print(f"{args.arch}_resnet50_fpn, {args.images} image(s) of {args.height}x{args.width} at {args.size} px, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
-          f"AMX bf16: {cpu_inference.has_fast_bf16()}")
+          f"load average {load_before:.1f}, {cpu_description()}, AMX bf16 used: {cpu_inference.has_fast_bf16()}")
     theirs, models = build_all(args)
     images = make_images(args)
     medians, outputs = interleaved(theirs, models, images, args.repeats)
     print(f"median of {args.repeats} interleaved runs, glibc's default allocator (load average now "
           f"{os.getloadavg()[0]:.1f}); detections: {[len(o['boxes']) for o in outputs['torchvision']]}")
     print_table(medians)
-    for mode, model in models.items():
-        print(f"{mode}: end to end {compare_end_to_end(outputs[mode], outputs['torchvision'])}")
-        if mode in ("fast", "bf16"):
-            print(f"{mode}: stage by stage {compare_stages(model, theirs, images)}")
-    if args.processes:
-        alternate_processes(args)
+    comparisons = {mode: compare_outputs(mode, model, theirs, images, outputs) for mode, model in models.items()}
+    processes = alternate_processes(args) if args.processes else None
+    loads = (load_before, os.getloadavg()[0])
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_description(), "load_average": loads, "medians": medians,
+                                         "outputs": comparisons, "processes": processes}, indent=1))
+    if args.results:
+        rewrite_block(args.results, "inference_vs_torchvision", "benchmarks/inference_vs_torchvision.py --results",
+                      markdown(args, medians, comparisons, processes, loads))
+        print(f"wrote the table block in {args.results}")
 
 
 if __name__ == "__main__":

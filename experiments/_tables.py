@@ -13,6 +13,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskrcnn import _markdown
+
 
 @dataclass(frozen=True)
 class Column:
@@ -66,15 +68,9 @@ def results_table(
 
 
 def block_markers(name: str) -> tuple[str, str]:
-    return (f"<!-- {name} table: begin (written by experiments/{name}.py --readme; do not edit by hand) -->",
-            f"<!-- {name} table: end -->")
+    return _markdown.block_markers(name, f"experiments/{name}.py --readme")
 
 
 def rewrite_block(path: Path, name: str, text: str) -> None:
     """Replace what lies between the block markers of `name` in `path` with `text`."""
-    begin, end = block_markers(name)
-    content = path.read_text()
-    start, stop = content.find(begin), content.find(end)
-    if start < 0 or stop < start:
-        raise SystemExit(f"--readme {path}: needs the two lines\n{begin}\n{end}\n(in this order) around the table")
-    path.write_text(content[: start + len(begin)] + "\n" + text.rstrip("\n") + "\n" + content[stop:])
+    _markdown.rewrite_block(path, name, f"experiments/{name}.py --readme", text)
