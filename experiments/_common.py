@@ -45,10 +45,11 @@ BASE_OVERRIDES = [
     "train.checkpoint_every=500",
     "train.log_every=50",
 ]
-# 2000 iterations of the demo's recipe take 20-25 min with one thread (0.6-0.7 s per iteration
-# with the other core busy, docs/results.md): the 20-30 min per run. At 600 iterations
-# the detector still improves quickly (900 iterations: box AP 0.22 -> 0.30); experiments/README.md.
-DEFAULT_ITERATIONS = 2000
+# The demo's own 1500 iterations: since its recipe samples 128 RoIs per image the detector reaches box
+# AP ~0.53 there (at the old 600 it was ~0.2 and limited everything), and a run takes ~22 min with
+# one thread while the other core runs another (~0.85 s per iteration), the 20-30 min per
+# run; 2000 would take ~30 min, 6 hours for the 24 runs. experiments/README.md.
+DEFAULT_ITERATIONS = 1500
 DEFAULT_SEEDS = [0, 1, 2]
 
 
@@ -65,7 +66,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="shapes_demo", help="base recipe (a YAML path or a shipped recipe's name)")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                         help=f"training iterations per run; the recipe's schedule is scaled to them "
-                             f"(default {DEFAULT_ITERATIONS}, about 20-25 min per run on one core)")
+                             f"(default {DEFAULT_ITERATIONS}, about 22 min per run on one core)")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="training seeds (train.seed); every row runs once per seed (default: 0 1 2; "
                              "put key.sub=value overrides before it)")

@@ -1,0 +1,52 @@
+"""The benchmarks write their own results blocks (docs/results.md): the block is made from the
+figures passed in, and only the marked block of the file changes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from maskrcnn._markdown import block_markers, rewrite_block
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_block_is_made_from_the_measured_figures(tmp_path):
+    benchmark = _load_benchmark("inference_vs_torchvision")
+    stages = {"transform": 0.01, "backbone": 2.0, "rpn": 0.4, "roi_heads": 1.2, "postprocess": 0.1}
+    medians = {"torchvision": stages | {"total": 3.71},
+               "strict": {k: v / 2 for k, v in stages.items()} | {"total": 3.71 / 2}}
+    processes = {"default": {"torchvision": 4.0, "strict": 3.0}, "heap": {"torchvision": 3.2, "strict": 2.5}}
+    args = argparse.Namespace(images=1, height=480, width=640, size=800, repeats=3, processes=3)
+    text = benchmark.markdown(args, medians, {"strict": "end to end: identical"}, processes, (0.4, 1.1))
+
+    assert "| torchvision | 2000 ms | 400 ms | 1200 ms | 100 ms | 3710 ms | |" in text
+    assert "| strict | 2.00x | 2.00x | 2.00x | 2.00x | **2.00x** | end to end: identical |" in text
+    assert "strict **1.60x**" in text  # as shipped: torchvision's default-allocator 4.0 s / strict's 2.5 s
+    assert "load average 0.4 before / 1.1 after" in text
+
+    begin, end = block_markers("inference_vs_torchvision", "benchmarks/inference_vs_torchvision.py --results")
+    path = tmp_path / "results.md"
+    path.write_text(f"before\n{begin}\nold figures\n{end}\nafter\n")
+    rewrite_block(path, "inference_vs_torchvision", "benchmarks/inference_vs_torchvision.py --results", text)
+    written = path.read_text()
+    assert written.startswith(f"before\n{begin}\n") and written.endswith(f"{end}\nafter\n")
+    assert "old figures" not in written and text in written
+
+
+def test_a_file_without_the_block_is_an_error(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("no block here\n")
+    with pytest.raises(SystemExit, match="inference_vs_torchvision table: begin"):
+        rewrite_block(path, "inference_vs_torchvision", "the benchmark", "figures")
+    assert path.read_text() == "no block here\n"
