@@ -16,7 +16,15 @@ from torchvision.ops import box_iou
 
 from maskrcnn.checkpoint.torchvision import from_torchvision
 from maskrcnn.engine.cpu_inference import has_fast_bf16, optimize_for_cpu, read_cpu_flags
-from maskrcnn.model.onednn import FusedConv2d, FusedResidualBlock, PrepackedConv2d
+from maskrcnn.model.mask_head import MaskFCNHead
+from maskrcnn.model.onednn import (
+    FusedConv2d,
+    FusedConvTranspose2d,
+    FusedResidualBlock,
+    PrepackedConv2d,
+    fuse_relu_after,
+    to_nchw,
+)
 
 SETTINGS = dict(min_size=96, max_size=160, box_score_thresh=0.0, box_detections_per_img=20,
                 rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=200)
@@ -76,6 +84,9 @@ def test_fast_equals_torchvision_stage_by_stage(torchvision_model, ours):
     # every one of ResNet-50's 16 bottlenecks fused whole: no norm left to run on its own
     assert sum(isinstance(m, FusedResidualBlock) for m in fast.backbone.body.modules()) == 16
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backbone.body.modules())
+    # the ReLUs after the RPN head's conv and the mask head's deconvolution run inside them
+    assert isinstance(fast.rpn.head.conv, FusedConv2d) and fast.rpn.head.conv.relu
+    assert isinstance(fast.roi_heads.mask_head.deconv, FusedConvTranspose2d) and fast.roi_heads.mask_head.deconv.relu
     theirs = torchvision_model
     images = make_images()
     with torch.no_grad():
@@ -174,3 +185,31 @@ def test_fast_and_bf16_run_a_group_norm_model():
                 assert_close_to_scale(value, features[name], tolerance)
             for g, e in zip(optimized(images), expected):
                 assert set(g) == set(e) and g["masks"].shape == (len(g["boxes"]), 1, *e["masks"].shape[-2:])
+
+
+def test_to_nchw_is_the_plain_layout_copy():
+    """Large maps take the per-image 2-D transpose, small ones the plain copy: the same values."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 16, 80, 70), (3, 8, 5, 7), (1, 3, 64, 65)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            for out_dtype in (torch.float32, dtype):
+                got = to_nchw(x, out_dtype)
+                assert got.is_contiguous() and got.dtype == out_dtype
+                assert torch.equal(got, x.to(out_dtype, memory_format=torch.contiguous_format))
+    plain = torch.randn(2, 3, 4, 5, generator=g)
+    assert torch.equal(to_nchw(plain, torch.float32), plain) and torch.equal(to_nchw(plain[0, 0], torch.float32), plain[0, 0])
+
+
+def test_fused_relu_after_a_conv_and_a_deconvolution():
+    torch.manual_seed(0)
+    head = MaskFCNHead(in_channels=8, out_channels=3, conv_dim=8, num_convs=1).eval()
+    x = torch.randn(5, 8, 7, 7)
+    with torch.no_grad():
+        expected = head(x)
+        fuse_relu_after(head, ["deconv"], dtype=torch.float32)
+        assert isinstance(head.deconv, FusedConvTranspose2d) and isinstance(head.relu, torch.nn.Identity)
+        got = head(x.contiguous(memory_format=torch.channels_last))
+    assert_close_to_scale(got, expected, 1e-5)
+    with pytest.raises(TypeError, match="convs is a Sequential"):
+        fuse_relu_after(head, ["convs"], dtype=torch.float32)

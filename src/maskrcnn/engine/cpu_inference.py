@@ -11,8 +11,9 @@ Modes (`INFERENCE_MODES`):
   `roi_align` split over threads, masks pasted torchvision's way (its exact numbers) in threads.
 - "fast" (the default): strict's allocator and threads, plus every convolution with its frozen
   BatchNorm folded in and ReLU / residual addition fused into one oneDNN call on channels_last
-  activations (`FusedConv2d`); the features leave the backbone in NCHW, the layout RoIAlign's
-  kernel reads. Within float tolerance of the eager model; masks pasted batched.
+  activations (`FusedConv2d`; the RPN head's and the mask head's ReLUs fused into their convs and
+  deconvolution too); the features leave the backbone in NCHW, the layout RoIAlign's kernel reads
+  (`to_nchw`: a faster copy for large maps). Within float tolerance of the eager model; masks pasted batched.
 - "bf16": fast, with the convolutions and fully connected layers in bfloat16 on CPUs whose AMX
   units do bf16 (the `amx_bf16` CPU flag). Anchors, box decoding, NMS, RoIAlign and pasting stay
   fp32. Without AMX it falls back to "fast" and warns: bf16 there is slower than fp32.
@@ -35,7 +36,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from maskrcnn.model.onednn import FusedConv2d, fuse_convs, fuse_resnet_stem, prepack_convs, to_layout
+from maskrcnn.model.mask_head import MaskFCNHead
+from maskrcnn.model.onednn import (
+    FusedConv2d,
+    fuse_convs,
+    fuse_relu_after,
+    fuse_resnet_stem,
+    prepack_convs,
+    to_layout,
+    to_nchw,
+)
 
 INFERENCE_MODES = ("eager", "strict", "fast", "bf16")
 
@@ -140,6 +150,7 @@ def _fuse(model: nn.Module, *, dtype: torch.dtype) -> None:
     backbone, heads = model.backbone, model.roi_heads
     fuse_resnet_stem(backbone.body, dtype=dtype)
     fuse_convs(backbone, dtype=dtype)
+    fuse_relu_after(model.rpn.head, ["conv", "extra_convs"], dtype=dtype)
     fuse_convs(model.rpn.head, dtype=dtype)
     # the backbone computes in `dtype` on channels_last; its features go on in fp32 (RoIAlign, anchors)
     _cast_around(_cast_unfused(backbone, dtype), dtype, torch.float32, channels_last=True)
@@ -147,6 +158,8 @@ def _fuse(model: nn.Module, *, dtype: torch.dtype) -> None:
     for name in ("mask_head", "keypoint_head"):
         head = getattr(heads, name, None)
         if head is not None:
+            if type(head) is MaskFCNHead:  # its deconvolution and ReLU (the other architectures: eager)
+                fuse_relu_after(head, ["deconv"], dtype=dtype)
             fuse_convs(head, dtype=dtype)
             _cast_around(_cast_unfused(head, dtype), dtype, torch.float32, channels_last=True)
     if dtype != torch.float32:  # the box head's fully connected layers: bf16 matmuls (AMX)
@@ -178,7 +191,7 @@ def _cast_around(module: nn.Module, inputs: torch.dtype, outputs: torch.dtype, *
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             if layout and value.dim() == 4:
                 return to_layout(value, dtype)
-            return value.to(dtype) if layout else value.to(dtype, memory_format=torch.contiguous_format)
+            return value.to(dtype) if layout else to_nchw(value, dtype)
         if isinstance(value, (list, tuple)):
             return type(value)(cast(v, dtype, layout) for v in value)
         if isinstance(value, dict):

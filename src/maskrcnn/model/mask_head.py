@@ -42,13 +42,14 @@ class MaskFCNHead(nn.Module):
         )
         deconv_in = conv_dim if num_convs > 0 else in_channels
         self.deconv = nn.ConvTranspose2d(deconv_in, conv_dim, kernel_size=2, stride=2)
+        self.relu = nn.ReLU()  # a module (no weights): CPU inference folds it into the deconvolution
         self.predictor = nn.Conv2d(conv_dim, out_channels, kernel_size=1)
         # torchvision's initialisation: kaiming (fan_out) weights, default biases for these two.
         nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.predictor(F.relu(self.deconv(self.convs(features))))
+        return self.predictor(self.relu(self.deconv(self.convs(features))))
 
 
 def build_mask_head(

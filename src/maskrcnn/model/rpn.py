@@ -104,6 +104,7 @@ class RPNHead(nn.Module):
         self.extra_convs = nn.ModuleList(
             nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1) for _ in range(num_convs - 1)
         )
+        self.relu = nn.ReLU()  # a module (no weights): CPU inference folds it into the conv (model/onednn.py)
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.box_deltas = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
         for conv in (self.conv, *self.extra_convs, self.objectness_logits, self.box_deltas):
@@ -114,9 +115,9 @@ class RPNHead(nn.Module):
         """Per level: logits `[B, A, H, W]` and deltas `[B, A * 4, H, W]`."""
         logits, deltas = [], []
         for feature in features:
-            hidden = F.relu(self.conv(feature))
+            hidden = self.relu(self.conv(feature))
             for conv in self.extra_convs:
-                hidden = F.relu(conv(hidden))
+                hidden = self.relu(conv(hidden))
             logits.append(self.objectness_logits(hidden))
             deltas.append(self.box_deltas(hidden))
         return logits, deltas
