@@ -66,7 +66,9 @@ def assert_close_to_scale(got, expected, tolerance=1e-4):
 def test_strict_equals_torchvision_end_to_end(torchvision_model, ours):
     strict = optimize_for_cpu(ours, mode="strict", num_threads=THREADS)
     assert strict.inference_mode == "strict" and strict.paste_per_box_threads == THREADS
-    assert any(isinstance(m, PrepackedConv2d) for m in strict.backbone.modules())
+    assert any(isinstance(m, PrepackedConv2d) for m in strict.backbone.body.modules())
+    assert any(isinstance(m, PrepackedConv2d) for m in strict.backbone.fpn.modules())
+    assert isinstance(strict.rpn.head.conv, PrepackedConv2d)
     assert not any(isinstance(m, PrepackedConv2d) for m in ours.modules())  # the original is untouched
     for images in (make_images(0), make_images(1)[:1]):
         with torch.no_grad():

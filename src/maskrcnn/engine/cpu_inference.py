@@ -6,8 +6,8 @@ Modes (`INFERENCE_MODES`):
 - "strict": outputs identical to torchvision's on the same weights (and to the eager model's,
   except that masks are pasted torchvision's way; models with aligned pasting keep their own).
   glibc's allocator kept off mmap (large tensors reuse the heap instead of fresh pages that fault in
-  on first write; process-wide, see `keep_allocator_off_mmap`), convolutions of the ResNet body and
-  the mask / keypoint heads on weights reordered once for oneDNN (`model/onednn.PrepackedConv2d`, exact),
+  on first write; process-wide, see `keep_allocator_off_mmap`), convolutions of the ResNet body, the FPN,
+  the RPN head and the mask / keypoint heads on weights reordered once for oneDNN (`model/onednn.PrepackedConv2d`, exact),
   `roi_align` split over threads, masks pasted torchvision's way (its exact numbers) in threads.
 - "fast" (the default): strict's allocator and threads, plus every convolution with its frozen
   BatchNorm folded in and ReLU / residual addition fused into one oneDNN call on channels_last
@@ -127,7 +127,8 @@ def optimize_for_cpu(
     for pooler in _poolers(optimized):
         pooler.num_threads = threads
     if mode == "strict":
-        prepack_convs(optimized.backbone.body)
+        prepack_convs(optimized.backbone)  # the ResNet body and the FPN
+        prepack_convs(optimized.rpn.head)
         heads = optimized.roi_heads
         for head in (getattr(heads, "mask_head", None), getattr(heads, "keypoint_head", None)):
             if head is not None:
