@@ -50,3 +50,11 @@ def test_a_file_without_the_block_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="inference_vs_torchvision table: begin"):
         rewrite_block(path, "inference_vs_torchvision", "the benchmark", "figures")
     assert path.read_text() == "no block here\n"
+
+
+def test_inference_summary_line_gives_the_ratios_as_shipped():
+    benchmark = _load_benchmark("inference_vs_torchvision")
+    medians = {"torchvision": {"total": 4.0}, "fast": {"total": 2.0}}
+    processes = {"default": {"torchvision": 4.0, "fast": 2.5}, "heap": {"torchvision": 3.0, "fast": 2.0}}
+    assert "as shipped: fast **2.00x**" in benchmark.summary(medians, processes)
+    assert "fast **2.00x**" in benchmark.summary(medians, None) and "one process" in benchmark.summary(medians, None)
