@@ -285,13 +285,17 @@ def train_and_evaluate(config: Config, class_groups: dict[str, list[int]] | None
 
 
 def evaluate_model(model: torch.nn.Module, val_set, class_groups: dict[str, list[int]] | None) -> dict:
-    """COCO box / mask AP of the whole model, plus the mask head alone on ground-truth boxes."""
+    """COCO box / mask AP of the whole model, plus the mask head alone on ground-truth boxes (box AP
+    only for a model without a mask head)."""
     from maskrcnn.engine.evaluation import evaluate, flatten_metrics
 
     device = next(model.parameters()).device
-    metrics = evaluate(model, val_set, device=device, batch_size=4, iou_types=["bbox", "segm"], class_groups=class_groups)
+    has_masks = getattr(model.roi_heads, "mask_head", None) is not None  # a row may train without a mask head
+    metrics = evaluate(model, val_set, device=device, batch_size=4, iou_types=["bbox", "segm"] if has_masks else ["bbox"],
+                       class_groups=class_groups)
     flat = flatten_metrics(metrics)
-    flat.update(mask_iou_on_gt_boxes(model, val_set, class_groups))
+    if has_masks:
+        flat.update(mask_iou_on_gt_boxes(model, val_set, class_groups))
     return flat
 
 

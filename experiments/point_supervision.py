@@ -10,6 +10,9 @@ Cityscapes and LVIS). Rows:
     10 points, PointSup's loss   the paper's code (detectron2 PointSup): the point loss averaged
                                  over every point slot of every RoI (points outside a RoI count as
                                  zero), and 5 of the 10 points drawn anew each iteration
+    no mask loss                 no mask head at all (boxes and keypoints only): what the detector
+                                 reaches without the masks' supervision of the shared backbone, to
+                                 read the point runs' box AP against
 
 Each row runs once per seed (--seeds, default 0 1 2) on the demo's recipe stretched to
 --iterations; the table gives mean ± sd and the per-seed values:
@@ -35,6 +38,7 @@ from maskrcnn.data.points import simulate_points
 
 EXPERIMENT = "point_supervision"
 FULL = "full masks"
+NO_MASKS = "no mask loss"
 COLUMNS = [
     Column("GT-box mIoU", "gt_boxes/mIoU"),
     Column("GT-box mIoU of full masks", "gt_boxes/mIoU of full masks"),
@@ -69,6 +73,7 @@ def rows(args: argparse.Namespace, paths: dict[str, Path]) -> list[Run]:
         f"{args.num_points} points, PointSup's loss": points + [
             "model.mask_head.point_loss_average=all_points", "model.mask_head.points_per_instance=5",
         ],
+        NO_MASKS: files + [f"data.train.annotations={paths['train_annotations']}", "model.mask_head.enabled=false"],
     }
     return [Run(name, name.replace(",", "").replace("'", "").replace(" ", "_"), values) for name, values in named.items()]
 

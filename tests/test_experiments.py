@@ -58,8 +58,11 @@ def _check_outputs(tmp_path: Path, script, readme: Path, printed: str) -> dict:
     summary = json.loads((out / "results.json").read_text())
     for name, row in summary["runs"].items():
         metrics = row["seeds"]["0"]
-        assert metrics["iterations"] == 2, name
-        assert 0 <= metrics["gt_boxes/mIoU"] <= 1 and "segm/AP" in metrics and "bbox/AP" in metrics, name
+        assert metrics["iterations"] == 2 and "bbox/AP" in metrics, name
+        if name == "no mask loss":  # no mask head: box AP only
+            assert "segm/AP" not in metrics and "gt_boxes/mIoU" not in metrics
+            continue
+        assert 0 <= metrics["gt_boxes/mIoU"] <= 1 and "segm/AP" in metrics, name
         assert row["mean"]["gt_boxes/mIoU"] == metrics["gt_boxes/mIoU"] and row["sd"] == {}, name
     table = (out / "table.md").read_text()
     assert table.strip() in printed  # the printed table is the written one
@@ -68,7 +71,10 @@ def _check_outputs(tmp_path: Path, script, readme: Path, printed: str) -> dict:
         "\nafter\n"
     )
     for name, row in summary["runs"].items():  # each row's mIoU as the table prints it
-        assert f"| {name} | 0 | {100 * row['seeds']['0'][script.COLUMNS[0].key]:.1f} |" in table
+        if script.COLUMNS[0].key in row["seeds"]["0"]:
+            assert f"| {name} | 0 | {100 * row['seeds']['0'][script.COLUMNS[0].key]:.1f} |" in table
+        else:
+            assert f"| {name} | 0 | - |" in table
     return summary
 
 
@@ -78,7 +84,7 @@ def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, k
     readme = _readme(tmp_path, name)
     script.main(_argv(tmp_path, "--readme", str(readme)))
     first = _check_outputs(tmp_path, script, readme, capsys.readouterr().out)
-    expected_rows = 5 if name == "partial_supervision" else 3
+    expected_rows = 5 if name == "partial_supervision" else 4
     assert len(first["runs"]) == expected_rows
     assert len(list((tmp_path / "out").glob("*/seed0/result.json"))) == expected_rows
 
