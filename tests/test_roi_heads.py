@@ -115,19 +115,20 @@ def test_training_losses_equal_torchvision():
         assert value > 0, name
 
 
-def test_keypoint_loss_weight_scales_only_the_keypoint_loss():
+@pytest.mark.parametrize("head, loss", [("keypoint_head", "loss_keypoint"), ("mask_head", "loss_mask")])
+def test_loss_weight_scales_only_its_own_loss(head, loss):
     features, proposals, targets = _inputs()
     config = _config()
     torch.manual_seed(0)
     plain = build_roi_heads(config, in_channels=CHANNELS).train()
-    config.keypoint_head.loss_weight = 0.25
+    getattr(config, head).loss_weight = 0.25
     weighted = build_roi_heads(config, in_channels=CHANNELS).train()
     weighted.load_state_dict(plain.state_dict())
     torch.manual_seed(1)
     _, expected = plain(features, proposals, IMAGE_SIZES, targets)
     torch.manual_seed(1)
     _, losses = weighted(features, proposals, IMAGE_SIZES, targets)
-    torch.testing.assert_close(losses.pop("loss_keypoint"), 0.25 * expected.pop("loss_keypoint"))
+    torch.testing.assert_close(losses.pop(loss), 0.25 * expected.pop(loss))
     torch.testing.assert_close(losses, expected)
 
 

@@ -127,6 +127,7 @@ class MaskHeadConfig:
     # "valid_points": the point loss averages over the labelled points inside each RoI;
     # "all_points": over all labelled points of the RoIs' objects (PointSup's code), see point_supervision.py
     point_loss_average: str = "valid_points"
+    loss_weight: float = 1.0  # multiplies loss_mask (the point loss too, with point_supervision)
 
 
 @dataclass
@@ -409,6 +410,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.rpn.batch_size_per_image": (1, None, True), "model.box_head.batch_size_per_image": (1, None, True),
     "model.box_head.score_thresh": (0, 1, True), "model.box_head.detections_per_img": (1, None, True),
     "model.keypoint_head.num_keypoints": (1, None, True),
+    "model.mask_head.loss_weight": (0, None, True), "model.keypoint_head.loss_weight": (0, None, True),
     "data.horizontal_flip": (0, 1, True), "data.color_jitter": (0, None, True), "data.num_workers": (0, None, True),
     "train.iterations": (0, None, True), "train.batch_size": (1, None, True),
     "train.lr": (0, None, True), "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True),

@@ -162,6 +162,7 @@ class MaskTraining:
     point_supervision: bool = False
     points_per_instance: int | None = None
     point_loss_average: str = "valid_points"
+    loss_weight: float = 1.0  # multiplies loss_mask
 
     def __post_init__(self) -> None:
         if self.train_on not in ("proposals", "gt_boxes"):
@@ -225,7 +226,7 @@ class RoIHeads(nn.Module):
         mask = mask_training
         self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask.train_on, mask.gt_box_jitter, mask.mask_classes
         self.point_supervision, self.points_per_instance = mask.point_supervision, mask.points_per_instance
-        self.point_loss_average = mask.point_loss_average
+        self.point_loss_average, self.mask_loss_weight = mask.point_loss_average, mask.loss_weight
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
         self.keypoint_loss_weight, self.keypoint_decoding = keypoint_options.loss_weight, keypoint_options.decoding
 
@@ -246,7 +247,8 @@ class RoIHeads(nn.Module):
         samples = self.sample_proposals(proposals, targets)
         losses = self._forward_box(features, proposals, image_sizes, samples)
         if self.mask_head is not None:
-            losses["loss_mask"] = self._forward_mask(features, image_sizes, samples=samples, targets=targets)
+            loss_mask = self._forward_mask(features, image_sizes, samples=samples, targets=targets)
+            losses["loss_mask"] = loss_mask * self.mask_loss_weight
         if self.keypoint_head is not None:
             loss_keypoint = self._forward_keypoint(features, image_sizes, samples=samples, targets=targets)
             losses["loss_keypoint"] = loss_keypoint * self.keypoint_loss_weight
@@ -393,7 +395,7 @@ def _mask_parts(config: ModelConfig, *, in_channels: int) -> dict:
     training = MaskTraining(
         train_on=mask.train_on, gt_box_jitter=mask.gt_box_jitter, mask_classes=mask.mask_classes,
         point_supervision=mask.point_supervision, points_per_instance=mask.points_per_instance,
-        point_loss_average=mask.point_loss_average,
+        point_loss_average=mask.point_loss_average, loss_weight=mask.loss_weight,
     )
     return dict(mask_pooler=_pooler(config, mask), mask_head=head, mask_training=training)
 
