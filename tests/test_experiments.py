@@ -84,7 +84,7 @@ def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, k
     readme = _readme(tmp_path, name)
     script.main(_argv(tmp_path, "--readme", str(readme)))
     first = _check_outputs(tmp_path, script, readme, capsys.readouterr().out)
-    expected_rows = 5 if name == "partial_supervision" else 4
+    expected_rows = 5  # both experiments have five rows
     assert len(first["runs"]) == expected_rows
     assert len(list((tmp_path / "out").glob("*/seed0/result.json"))) == expected_rows
 
