@@ -149,8 +149,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def config_differences(stored: dict, wanted: dict) -> list[str]:
-    """`key: stored -> wanted` for every config key that differs (the output folder aside)."""
+    """`key: stored -> wanted` for every config key that differs (the output folder aside). A key
+    that the stored config lacks was added to the code after that run: it ran with the key's
+    default, which keeps the earlier behaviour."""
+    defaults = _flat(config_to_dict(Config()))
     stored_flat, wanted_flat = _flat(stored), _flat(wanted)
+    stored_flat = {k: stored_flat.get(k, defaults.get(k)) for k in set(stored_flat) | set(wanted_flat)}
     keys = sorted((set(stored_flat) | set(wanted_flat)) - {"train.output_dir"})
     return [f"{k}: {stored_flat.get(k)!r} -> {wanted_flat.get(k)!r}"
             for k in keys if stored_flat.get(k) != wanted_flat.get(k)]

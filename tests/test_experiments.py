@@ -7,6 +7,7 @@ instead of training again. The numbers themselves mean nothing after 2 iteration
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import sys
@@ -146,3 +147,15 @@ def test_unfinished_run_continues_only_under_its_config(tmp_path):
     _common.check_unfinished(tmp_path, started)  # the same config: train(resume=True) continues it
     with pytest.raises(SystemExit, match="train.iterations: 2000 -> 3000"):
         _common.check_unfinished(tmp_path, load_config("shapes_demo", ["train.iterations=3000"]))
+
+
+def test_a_key_added_to_the_config_after_a_run_is_its_default():
+    """A record from before a config key existed ran with that key's default: the same config."""
+    from maskrcnn.config import config_to_dict, load_config
+
+    wanted = config_to_dict(load_config("shapes_demo", []))
+    stored = copy.deepcopy(wanted)
+    del stored["model"]["mask_head"]["loss_weight"]
+    assert _common.config_differences(stored, wanted) == []
+    changed = config_to_dict(load_config("shapes_demo", ["model.mask_head.loss_weight=0.5"]))
+    assert _common.config_differences(stored, changed) == ["model.mask_head.loss_weight: 1.0 -> 0.5"]
