@@ -208,12 +208,17 @@ def alternate_processes(args) -> dict[str, dict[str, float]]:
     print("allocator off mmap (median total over processes, default -> heap):")
     for name in default:
         print(f"  {name:12s} {default[name]:.2f} -> {heap[name]:.2f} s ({default[name] / heap[name]:.2f}x)")
-    reference = default["torchvision"]
     print("as shipped (torchvision with the default allocator, our modes with theirs off mmap):")
-    for name in heap:
-        if name != "torchvision":
-            print(f"  {name:12s} {reference / heap[name]:.2f}x torchvision")
-    return {"default": default, "heap": heap}
+    processes = {"default": default, "heap": heap}
+    for name, ratio in shipped_ratios(processes).items():
+        print(f"  {name:12s} {ratio:.2f}x torchvision")
+    return processes
+
+
+def shipped_ratios(processes: dict[str, dict[str, float]]) -> dict[str, float]:
+    """torchvision with glibc's default allocator over each of our modes with it kept off mmap."""
+    default, heap = processes["default"], processes["heap"]
+    return {name: default["torchvision"] / total for name, total in heap.items() if name != "torchvision"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -284,8 +289,7 @@ def markdown(args, medians: dict, outputs: dict[str, str], processes: dict | Non
             lines.append(f"| {name} | " + " | ".join(ratios) + f" | {outputs[name]} |")
     if processes:
         default, heap = processes["default"], processes["heap"]
-        shipped = ", ".join(f"{name} **{default['torchvision'] / heap[name]:.2f}x**" for name in heap
-                            if name != "torchvision")
+        shipped = ", ".join(f"{name} **{ratio:.2f}x**" for name, ratio in shipped_ratios(processes).items())
         lines += ["", f"Then {args.processes} process(es) with glibc's default allocator alternating with "
                   f"{args.processes} that keep it off mmap (as `optimize_for_cpu` sets up strict, fast and bf16), "
                   "median total: " + ", ".join(f"{n} {default[n]:.2f} -> {heap[n]:.2f} s" for n in default)
@@ -296,8 +300,7 @@ def markdown(args, medians: dict, outputs: dict[str, str], processes: dict | Non
 def summary(medians: dict, processes: dict | None) -> str:
     """The README's line: the ratios as shipped (or in one process, without --processes)."""
     if processes:
-        default, heap = processes["default"], processes["heap"]
-        ratios, how = {n: default["torchvision"] / heap[n] for n in heap if n != "torchvision"}, "as shipped"
+        ratios, how = shipped_ratios(processes), "as shipped"
     else:
         ratios = {n: medians["torchvision"]["total"] / t["total"] for n, t in medians.items() if n != "torchvision"}
         how = "in one process, glibc's default allocator for every model"

@@ -46,9 +46,9 @@ BASE_OVERRIDES = [
     "train.log_every=50",
 ]
 # The demo's own 1500 iterations: since its recipe samples 128 RoIs per image the detector reaches box
-# AP ~0.53 there (at the old 600 it was ~0.2 and limited everything), and a run takes ~22 min with
-# one thread while the other core runs another (~0.85 s per iteration), the issue's 20-30 min per
-# run; 2000 would take ~30 min, 6 hours for the 24 runs. experiments/README.md.
+# AP ~0.53 there (at the old 600 it was ~0.2 and limited everything), and a run takes 14-20 min with
+# one thread while the other core runs another, inside the issue's 20-30 min per run; 2000 would
+# take a third longer for no detector that limits the masks less. experiments/README.md.
 DEFAULT_ITERATIONS = 1500
 DEFAULT_SEEDS = [0, 1, 2]
 
@@ -66,7 +66,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="shapes_demo", help="base recipe (a YAML path or a shipped recipe's name)")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                         help=f"training iterations per run; the recipe's schedule is scaled to them "
-                             f"(default {DEFAULT_ITERATIONS}, about 22 min per run on one core)")
+                             f"(default {DEFAULT_ITERATIONS}, about 15-20 min per run on one core)")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="training seeds (train.seed); every row runs once per seed (default: 0 1 2; "
                              "put key.sub=value overrides before it)")
@@ -152,12 +152,10 @@ def config_differences(stored: dict, wanted: dict) -> list[str]:
     """`key: stored -> wanted` for every config key that differs (the output folder aside). A key
     that the stored config lacks was added to the code after that run: it ran with the key's
     default, which keeps the earlier behaviour."""
-    defaults = _flat(config_to_dict(Config()))
-    stored_flat, wanted_flat = _flat(stored), _flat(wanted)
-    stored_flat = {k: stored_flat.get(k, defaults.get(k)) for k in set(stored_flat) | set(wanted_flat)}
+    defaults, stored_flat, wanted_flat = _flat(config_to_dict(Config())), _flat(stored), _flat(wanted)
     keys = sorted((set(stored_flat) | set(wanted_flat)) - {"train.output_dir"})
-    return [f"{k}: {stored_flat.get(k)!r} -> {wanted_flat.get(k)!r}"
-            for k in keys if stored_flat.get(k) != wanted_flat.get(k)]
+    stored_flat = {k: stored_flat.get(k, defaults.get(k)) for k in keys}
+    return [f"{k}: {stored_flat[k]!r} -> {wanted_flat.get(k)!r}" for k in keys if stored_flat[k] != wanted_flat.get(k)]
 
 
 def read_record(path: Path, config: Config) -> dict | None:

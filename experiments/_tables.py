@@ -67,10 +67,14 @@ def results_table(
     return markdown_table(header, rows + [list(row) for row in extra_rows])
 
 
+def _writer(name: str) -> str:
+    return f"experiments/{name}.py --readme"
+
+
 def block_markers(name: str) -> tuple[str, str]:
-    return _markdown.block_markers(name, f"experiments/{name}.py --readme")
+    return _markdown.block_markers(name, _writer(name))
 
 
 def rewrite_block(path: Path, name: str, text: str) -> None:
     """Replace what lies between the block markers of `name` in `path` with `text`."""
-    _markdown.rewrite_block(path, name, f"experiments/{name}.py --readme", text)
+    _markdown.rewrite_block(path, name, _writer(name), text)
