@@ -46,7 +46,7 @@ BASE_OVERRIDES = [
     "train.log_every=50",
 ]
 # The demo's own 1500 iterations: since its recipe samples 128 RoIs per image the detector reaches box
-# AP ~0.53 there (at the old 600 it was ~0.2 and limited everything), and a run takes 14-20 min with
+# AP ~0.53 there (at the old 600 it was ~0.2 and limited everything), and a run trains in 14-19 min with
 # one thread while the other core runs another, inside the 20-30 min per run; 2000 would
 # take a third longer for no detector that limits the masks less. experiments/README.md.
 DEFAULT_ITERATIONS = 1500
