@@ -55,7 +55,7 @@ def main() -> None:
     annotations, images = validation_files(checkpoint, args.annotations, args.images)
     dataset = CocoDataset(annotations, images)
     print(f"{args.weights}: {args.limit or len(dataset)} images of {annotations}; {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}, AMX bf16: {has_fast_bf16()}")
+          f"load average {os.getloadavg()[0]:.1f}, bf16 units: {has_fast_bf16()}")
     indices = list(range(min(args.limit, len(dataset)))) if args.limit else None
     results = {}
     for mode in args.modes.split(","):

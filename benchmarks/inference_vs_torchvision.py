@@ -267,7 +267,8 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name}, {os.cpu_count()} CPUs, {vector}" + (", AMX bf16" if "amx_bf16" in flags else "")
+    bf16 = ", AMX bf16" if "amx_bf16" in flags else ", AVX-512 bf16" if "avx512_bf16" in flags else ""
+    return f"{name}, {os.cpu_count()} CPUs, {vector}{bf16}"
 
 
 def markdown(args, medians: dict, outputs: dict[str, str], processes: dict | None, loads: tuple) -> str:
@@ -318,7 +319,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(f"{args.arch}_resnet50_fpn, {args.images} image(s) of {args.height}x{args.width} at {args.size} px, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load_before:.1f}, {cpu_description()}, AMX bf16 used: {cpu_inference.has_fast_bf16()}")
+          f"load average {load_before:.1f}, {cpu_description()}, bf16 units used: {cpu_inference.has_fast_bf16()}")
     theirs, models = build_all(args)
     images = make_images(args)
     medians, outputs = interleaved(theirs, models, images, args.repeats)

@@ -15,7 +15,8 @@ import torchvision
 from torchvision.ops import box_iou
 
 from maskrcnn.checkpoint.torchvision import from_torchvision
-from maskrcnn.engine.cpu_inference import has_fast_bf16, optimize_for_cpu, read_cpu_flags
+from maskrcnn.engine.cpu_inference import optimize_for_cpu
+from maskrcnn.engine.precision import has_fast_bf16, read_cpu_flags
 from maskrcnn.model.mask_head import MaskFCNHead
 from maskrcnn.model.onednn import (
     FusedConv2d,
@@ -116,7 +117,9 @@ def test_fast_equals_torchvision_stage_by_stage(torchvision_model, ours):
         given = [{"boxes": e["boxes"], "labels": e["labels"]} for e in expected]
         fast.roi_heads.run_on_boxes(features, sizes, given)
         for g, e in zip(given, expected):
-            torch.testing.assert_close(g["masks"], e["masks"], rtol=0, atol=1e-3)
+            # mask probabilities through four fused 3x3 convs and the deconvolution: oneDNN's summation
+            # order differs per CPU (AVX-512 on Intel vs AMD Zen 4 gave 0.8e-3 vs 1.02e-3 at most)
+            torch.testing.assert_close(g["masks"], e["masks"], rtol=0, atol=2e-3)
 
 
 def test_bf16_detections_overlap_fp32(ours):
@@ -148,12 +151,12 @@ def test_bf16_detections_overlap_fp32(ours):
 
 
 def test_bf16_falls_back_to_fast_without_amx(ours):
-    with pytest.warns(UserWarning, match="no AMX bf16"):
+    with pytest.warns(UserWarning, match="no bf16 units"):
         model = optimize_for_cpu(ours, mode="bf16", cpu_flags={"avx512f", "avx2"})
     assert model.inference_mode == "fast"
     fused = [m for m in model.modules() if isinstance(m, FusedConv2d)]
     assert fused and all(m.packed_weight.dtype == torch.float32 for m in fused)
-    assert has_fast_bf16({"amx_bf16", "amx_tile"}) and not has_fast_bf16(set())
+    assert has_fast_bf16({"amx_bf16", "amx_tile"}) and has_fast_bf16({"avx512_bf16"}) and not has_fast_bf16(set())
 
 
 def test_cpu_flags_and_bad_arguments(tmp_path, ours):

@@ -316,7 +316,8 @@ def _predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     predict.add_argument("--inference-mode", choices=("eager", "strict", "fast", "bf16"), default="eager",
                          help="CPU only: strict = outputs identical to torchvision's; fast = fused oneDNN "
-                              "convolutions (float tolerance); bf16 = AMX CPUs (fast elsewhere); default eager")
+                              "convolutions (float tolerance); bf16 = CPUs with AMX or AVX-512 bf16 units (fast elsewhere); "
+                              "default eager")
     predict.add_argument("--annotations", help="COCO JSON: its categories name the labels (default: the checkpoint's), "
                                                "and results carry its image ids (matched by file_name), so they can be scored")
     predict.add_argument("--no-draw", action="store_true", help="write no pictures or annotated videos, only results")

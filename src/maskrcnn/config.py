@@ -209,7 +209,7 @@ class TrainConfig:
     # (engine/ema.py): ema = decay * ema + (1 - decay) * weights after each iteration; 0 = off
     ema_decay: float = 0.0
     ema_start: int = 0  # the average starts after this many iterations (their weights are its first value)
-    amp: bool = False  # mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX (float32 elsewhere, with a warning)
+    amp: bool = False  # mixed precision: float16 on CUDA, bfloat16 on CPUs with bf16 units, AMX or AVX-512 bf16 (float32 elsewhere, with a warning)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 0  # also keep the last N periodic checkpoints as model_<iteration>.pth; 0 = only last.pth
     pictures: int = 8  # validation images drawn at the end (contact_sheet.png, predictions/); 0 = none

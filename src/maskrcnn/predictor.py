@@ -43,7 +43,7 @@ class Predictor:
     categories: COCO categories naming the labels when the model carries no label table.
     inference_mode: on the CPU, "eager" (the model as it is), or an `optimize_for_cpu` mode for our
         MaskRCNN: "strict" (outputs identical to torchvision's), "fast" (fused oneDNN convolutions,
-        within float tolerance), "bf16" (AMX CPUs; "fast" elsewhere). See docs/results.md.
+        within float tolerance), "bf16" (CPUs with AMX or AVX-512 bf16; "fast" elsewhere). See docs/results.md.
     """
 
     def __init__(

@@ -14,9 +14,10 @@ Modes (`INFERENCE_MODES`):
   activations (`FusedConv2d`; the RPN head's and the mask head's ReLUs fused into their convs and
   deconvolution too); the features leave the backbone in NCHW, the layout RoIAlign's kernel reads
   (`to_nchw`: a faster copy for large maps). Within float tolerance of the eager model; masks pasted batched.
-- "bf16": fast, with the convolutions and fully connected layers in bfloat16 on CPUs whose AMX
-  units do bf16 (the `amx_bf16` CPU flag). Anchors, box decoding, NMS, RoIAlign and pasting stay
-  fp32. Without AMX it falls back to "fast" and warns: bf16 there is slower than fp32.
+- "bf16": fast, with the convolutions and fully connected layers in bfloat16 on CPUs with bf16
+  matrix units (the `amx_bf16` or `avx512_bf16` CPU flag, `precision.has_fast_bf16`). Anchors, box
+  decoding, NMS, RoIAlign and pasting stay fp32. Without them it falls back to "fast" and warns:
+  bf16 there is slower than fp32.
 
 Nothing is compiled (torch.compile's inductor would take minutes per process on a small CPU): the
 modules are rebuilt eagerly, in seconds, so there is no compile cache to manage; the first call
@@ -36,6 +37,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from maskrcnn.engine.precision import has_fast_bf16
 from maskrcnn.model.mask_head import MaskFCNHead
 from maskrcnn.model.onednn import (
     FusedConv2d,
@@ -52,26 +54,6 @@ INFERENCE_MODES = ("eager", "strict", "fast", "bf16")
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _KEEP_FREED_BYTES = 2**31 - 1  # the largest int: freed heap memory is never given back
-
-
-def has_fast_bf16(cpu_flags: Iterable[str] | None = None) -> bool:
-    """Whether bf16 matrix products are fast here: AMX bf16 (`amx_bf16` in /proc/cpuinfo's flags;
-    pass `cpu_flags` to decide for another CPU, e.g. in tests) and oneDNN's bf16 kernels."""
-    if cpu_flags is None:
-        cpu_flags = read_cpu_flags()
-    return "amx_bf16" in set(cpu_flags) and torch.backends.mkldnn.is_available()
-
-
-def read_cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo does not exist, e.g. macOS)."""
-    try:
-        with open(path) as file:
-            for line in file:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def keep_allocator_off_mmap() -> bool:
@@ -112,8 +94,8 @@ def optimize_for_cpu(
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("optimize_for_cpu: the model is not on the CPU (call model.cpu() first)")
     if mode == "bf16" and not has_fast_bf16(cpu_flags):
-        warnings.warn("inference mode 'bf16': this CPU has no AMX bf16 (amx_bf16 flag), where bf16 is slower "
-                      "than fp32; using the 'fast' mode (fp32) instead", stacklevel=2)
+        warnings.warn("inference mode 'bf16': this CPU has no bf16 units (neither amx_bf16 nor avx512_bf16 flag), "
+                      "where bf16 is slower than fp32; using the 'fast' mode (fp32) instead", stacklevel=2)
         mode = "fast"
     optimized = copy.deepcopy(model).eval()
     optimized.inference_mode = mode

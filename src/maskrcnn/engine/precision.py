@@ -1,27 +1,42 @@
-"""Which dtype `train.amp` trains in on a device: float16 on CUDA (with a GradScaler), bfloat16 on
-CPUs with AMX bf16 tiles (Intel Sapphire Rapids and later), float32 otherwise.
+"""Where bfloat16 pays, and which dtype `train.amp` trains in on a device: float16 on CUDA (with a
+GradScaler), bfloat16 on CPUs with bf16 matrix units, float32 otherwise.
 
-On a CPU without AMX, bfloat16 convolutions run through slower emulation paths than float32 ones,
-so `amp` there would only cost accuracy; the trainer falls back to float32 and says so.
+bf16 units: Intel's AMX tiles (`amx_bf16`, Sapphire Rapids and later) and the AVX-512 bf16 dot
+products (`avx512_bf16`: AMD Zen 4 and later, Intel Cooper Lake), which oneDNN's bf16 convolutions
+use. On a CPU with neither (AVX2 only, or AVX-512 without bf16), bfloat16 convolutions run through
+slower emulation paths than float32 ones, so `amp` there would only cost accuracy; the trainer
+falls back to float32 and says so, and the bf16 inference mode falls back to fp32.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
 
 @functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """The `amx_bf16` flag of /proc/cpuinfo (Linux); elsewhere torch's AMX tile check."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-        return "amx_bf16" in flags.split()
-    return bool(torch.cpu._is_amx_tile_supported())
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo does not exist, e.g. macOS)."""
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_fast_bf16(cpu_flags: Iterable[str] | None = None) -> bool:
+    """Whether bf16 matrix products are fast here: one of `BF16_CPU_FLAGS` in /proc/cpuinfo's flags
+    (pass `cpu_flags` to decide for another CPU, e.g. in tests) and oneDNN's bf16 kernels."""
+    flags = read_cpu_flags() if cpu_flags is None else set(cpu_flags)
+    return any(flag in flags for flag in BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
 
 
 def autocast_dtype(device: torch.device, *, amp: bool) -> torch.dtype | None:
@@ -31,7 +46,8 @@ def autocast_dtype(device: torch.device, *, amp: bool) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu":
-        if cpu_has_amx_bf16():
+        if has_fast_bf16():
             return torch.bfloat16
-        warnings.warn("train.amp: this CPU has no AMX bf16 units (no amx_bf16 flag); training in float32", stacklevel=2)
+        warnings.warn("train.amp: this CPU has no bf16 units (neither amx_bf16 nor avx512_bf16 flag); "
+                      "training in float32", stacklevel=2)
     return None

@@ -443,7 +443,7 @@ def _set_up(config: Config, *, context: distributed.DistributedContext, resume: 
         check_data_fits_model(config, train_dataset)
     optimizer = build_optimizer(model, settings)
     ema = build_ema(unwrap_model(model), decay=settings.ema_decay, device=device)
-    amp_dtype = autocast_dtype(device, amp=settings.amp)  # None: float32 (asked for, or no AMX on this CPU)
+    amp_dtype = autocast_dtype(device, amp=settings.amp)  # None: float32 (asked for, or no bf16 units on this CPU)
     # fp16 needs loss scaling (GradScaler); bf16 has float32's range and runs without it.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = _restore_or_seed(config, context=context, resume=resume, model=model, optimizer=optimizer,
