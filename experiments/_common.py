@@ -10,10 +10,14 @@ also reports AP on the "novel" classes), and writes its record beside its checkp
     OUT/results.json                every run and seed, their mean and spread, the reference
     OUT/table.md                    the table the script prints (also written into a README
                                     block with --readme)
+    experiments/records/<experiment>.json
+                                    with --readme: every record the table holds, tracked in git,
+                                    so that a fresh clone (OUT is not tracked) re-reads them too
 
-A run whose record exists is read back instead of trained again, provided it was trained with
-the config this command would use (otherwise the script stops and names the differences):
-a rerun, or a second process on other rows (`--only`), continues where the first stopped.
+A run whose record exists (under OUT, else in experiments/records/) is read back instead of trained
+again, provided it was trained with the config this command would use (otherwise the script stops
+and names the differences): a rerun, or a second process on other rows (`--only`), continues
+where the first stopped.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ BASE_OVERRIDES = [
 # take a third longer for no detector that limits the masks less. experiments/README.md.
 DEFAULT_ITERATIONS = 1500
 DEFAULT_SEEDS = [0, 1, 2]
+RECORDS = Path(__file__).resolve().parent / "records"  # the tracked copies of the records, per experiment
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, *, 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command = [f"experiments/{script}.py", *argv]
+    args.experiment = script  # names its tracked records: experiments/records/<script>.json
     torch.set_num_threads(args.threads)
     return args
 
@@ -158,16 +164,33 @@ def config_differences(stored: dict, wanted: dict) -> list[str]:
     return [f"{k}: {stored_flat[k]!r} -> {wanted_flat.get(k)!r}" for k in keys if stored_flat[k] != wanted_flat.get(k)]
 
 
-def read_record(path: Path, config: Config) -> dict | None:
+def record_key(run: Run, seed: int) -> str:
+    return f"{run.folder}/seed{seed}"
+
+
+def tracked_records(experiment: str) -> dict[str, dict]:
+    """`{record_key: record}` of experiments/records/<experiment>.json ({} before the first --readme)."""
+    path = RECORDS / f"{experiment}.json"
+    return json.loads(path.read_text())["records"] if path.is_file() else {}
+
+
+def find_record(args: argparse.Namespace, run: Run, seed: int) -> dict | None:
+    """A run's record: OUT/<run>/seed<S>/result.json, else the tracked copy, else None."""
+    path = run_folder(args, run, seed) / "result.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return tracked_records(args.experiment).get(record_key(run, seed))
+
+
+def read_record(record: dict | None, config: Config, where: Path | str) -> dict | None:
     """A finished run's metrics, or None when it has no record. Stops when the record was
     written by a run with another config: mixing those in one table would be wrong."""
-    if not path.is_file():
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     differences = config_differences(record["config"], config_to_dict(config))
     if differences:
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
-        raise SystemExit(f"{path} was trained with another config ({shown}): use another --out, or delete that "
+        raise SystemExit(f"{where} was trained with another config ({shown}): use another --out, or delete that "
                          f"run to train it again")
     return record["metrics"]
 
@@ -201,9 +224,9 @@ def run_all(args: argparse.Namespace, runs: list[Run], class_groups: dict[str, l
     for index, (run, seed) in enumerate(todo):
         config = make_config(args, run, seed)
         path = run_folder(args, run, seed) / "result.json"
-        metrics = read_record(path, config)
+        metrics = read_record(find_record(args, run, seed), config, path)
         if metrics is not None and not args.reevaluate:
-            print(f"{run.name}, seed {seed}: done before, read from {path}", flush=True)
+            print(f"{run.name}, seed {seed}: done before, read back", flush=True)
             continue
         if metrics is not None:
             metrics = {**metrics, **reevaluate(run_folder(args, run, seed), class_groups)}
@@ -218,14 +241,17 @@ def run_all(args: argparse.Namespace, runs: list[Run], class_groups: dict[str, l
 
 
 def collect_results(args: argparse.Namespace, runs: list[Run]) -> dict[str, dict[int, dict]]:
-    """`{run name: {seed: metrics}}` from the records on disk, for every run and seed of this
-    command (also those another process trained)."""
+    """`{run name: {seed: metrics}}` from the records (on disk, else tracked), for every run and seed
+    of this command (also those another process trained); the records themselves go to `args.records`."""
     results: dict[str, dict[int, dict]] = {}
+    args.records = {}
     for run in runs:
         results[run.name] = {}
         for seed in args.seeds:
-            metrics = read_record(run_folder(args, run, seed) / "result.json", make_config(args, run, seed))
+            record = find_record(args, run, seed)
+            metrics = read_record(record, make_config(args, run, seed), run_folder(args, run, seed))
             if metrics is not None:
+                args.records[record_key(run, seed)] = record
                 results[run.name][seed] = {**metrics, "train_minutes": metrics["train_seconds"] / 60}
     return results
 
@@ -252,9 +278,15 @@ def write_outputs(args: argparse.Namespace, summary: dict, text: str, *, experim
     print(text, flush=True)
     write_json(args.out / "results.json", summary)
     (args.out / "table.md").write_text(text + "\n")
-    if args.readme is not None:
-        rewrite_block(args.readme, experiment, text)
-        print(f"wrote the table into {args.readme}", flush=True)
+    if args.readme is None:
+        return
+    if not args.records:  # e.g. a fresh clone whose records are not tracked yet: keep the README's table
+        print(f"no finished run found: {args.readme}'s table is left as it is", flush=True)
+        return
+    rewrite_block(args.readme, experiment, text)
+    write_json(RECORDS / f"{experiment}.json", {"experiment": experiment, "records": dict(sorted(args.records.items()))})
+    print(f"wrote the table into {args.readme} and its {len(args.records)} records into "
+          f"{RECORDS / f'{experiment}.json'}", flush=True)
 
 
 def budget_line(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:

@@ -82,7 +82,10 @@ def _check_outputs(tmp_path: Path, script, readme: Path, printed: str) -> dict:
 @pytest.mark.parametrize("name", ["partial_supervision", "point_supervision"])
 def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, keep_threads):
     script = importlib.import_module(name)
+    monkeypatch.setattr(_common, "RECORDS", tmp_path / "records")  # not the repository's tracked copies
     readme = _readme(tmp_path, name)
+    script.main(_argv(tmp_path, "--table-only", "--readme", str(readme)))  # no run yet: the README is kept
+    assert "old table" in readme.read_text() and not (tmp_path / "records").exists()
     script.main(_argv(tmp_path, "--readme", str(readme)))
     first = _check_outputs(tmp_path, script, readme, capsys.readouterr().out)
     expected_rows = 5  # both experiments have five rows
@@ -93,9 +96,19 @@ def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, k
     monkeypatch.setattr(_common, "train_and_evaluate", _no_training)
     script.main(_argv(tmp_path, "--readme", str(readme)))
     printed = capsys.readouterr().out
-    assert printed.count("done before, read from") == expected_rows
+    assert printed.count("done before, read back") == expected_rows
     second = _check_outputs(tmp_path, script, readme, printed)
     assert second["runs"] == first["runs"]
+
+    # --readme also wrote every record into the tracked copy: a fresh clone, without OUT, re-reads them.
+    tracked = json.loads((tmp_path / "records" / f"{name}.json").read_text())["records"]
+    assert sorted(tracked) == sorted(f"{p.parent.parent.name}/seed0" for p in (tmp_path / "out").glob("*/seed0/result.json"))
+    for path in (tmp_path / "out").glob("*/seed0/result.json"):
+        path.unlink()
+    script.main(_argv(tmp_path, "--readme", str(readme)))
+    printed = capsys.readouterr().out
+    assert printed.count("done before, read back") == expected_rows
+    assert _check_outputs(tmp_path, script, readme, printed)["runs"] == first["runs"]
 
     # Another budget would mix configs in one table: it stops and names the difference.
     with pytest.raises(SystemExit, match=r"train.iterations: 2 -> 3"):
