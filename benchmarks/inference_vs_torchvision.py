@@ -36,6 +36,7 @@ from maskrcnn._markdown import rewrite_block
 from maskrcnn.checkpoint.torchvision import from_torchvision
 from maskrcnn.engine import cpu_inference
 from maskrcnn.engine.cpu_inference import optimize_for_cpu
+from maskrcnn.engine.precision import read_cpu_flags
 
 BUILDERS = {
     "fasterrcnn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
@@ -265,7 +266,7 @@ def cpu_description() -> str:
     except OSError:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    flags = read_cpu_flags()
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     bf16 = ", AMX bf16" if "amx_bf16" in flags else ", AVX-512 bf16" if "avx512_bf16" in flags else ""
     return f"{name}, {os.cpu_count()} CPUs, {vector}{bf16}"
