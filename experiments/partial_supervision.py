@@ -8,6 +8,10 @@ class-specific channel of a novel class would never be trained). Rows:
     gt_boxes + fcn       the mask head trains on the ground-truth boxes only
     gt_boxes + resnet    ... with a stack of residual blocks
     gt_boxes + hourglass ... with an hourglass (encoder-decoder with skips)
+    gt_boxes x8 jittered + hourglass
+                         ... each GT box 8 times, every copy's sides moved by up to 10 % of its
+                         size (as many views of an object per step as the positive proposals give,
+                         and boxes as loose as the detector's)
     full masks (ceiling) masks for every class, standard training
 
 Each row runs once per seed (--seeds, default 0 1 2) on the demo's recipe stretched to
@@ -29,7 +33,7 @@ from _common import Run
 from _tables import Column, mean_and_sd, results_table
 
 EXPERIMENT = "partial_supervision"
-STRONG_HEADS = ("gt_boxes + resnet", "gt_boxes + hourglass")
+STRONG_HEADS = ("gt_boxes + resnet", "gt_boxes + hourglass", "gt_boxes x8 jittered + hourglass")
 COLUMNS = [
     Column("GT-box mIoU novel", "gt_boxes/novel/mIoU"),
     Column("GT-box mIoU with masks", "gt_boxes/with_masks/mIoU"),
@@ -55,6 +59,10 @@ def rows(mask_classes: list[int], resnet_blocks: int, hourglass_levels: int) -> 
         ],
         "gt_boxes + hourglass": on_gt + [
             "model.mask_head.architecture=hourglass", f"model.mask_head.num_convs={hourglass_levels}",
+        ],
+        "gt_boxes x8 jittered + hourglass": on_gt + [
+            "model.mask_head.architecture=hourglass", f"model.mask_head.num_convs={hourglass_levels}",
+            "model.mask_head.gt_box_jitter=0.1", "model.mask_head.gt_box_copies=8",
         ],
         "full masks (ceiling)": ["model.mask_head.mask_classes=null", "model.mask_head.class_agnostic=true"],
     }

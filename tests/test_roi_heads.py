@@ -212,6 +212,38 @@ def test_mask_head_trains_on_ground_truth_boxes():
     assert (jittered - targets[0]["boxes"]).abs().max() <= 0.1 * 52 + 1e-4  # boxes are at most 52 px
 
 
+def test_jittered_copies_of_ground_truth_boxes_train_the_mask_head(monkeypatch):
+    """`gt_box_copies=3`: every GT box three times, instance after instance, each copy jittered on its own."""
+    import maskrcnn.model.mask_head as mask_head_module
+
+    jittered = []
+    def recording_jitter(boxes, **options):
+        jittered.append((boxes, jitter_boxes(boxes, **options)))
+        return jittered[-1][1]
+
+    monkeypatch.setattr(mask_head_module, "jitter_boxes", recording_jitter)
+    torch.manual_seed(0)
+    heads = build_roi_heads(_config(keypoints=False, train_on="gt_boxes", gt_box_jitter=0.1, gt_box_copies=3),
+                            in_channels=CHANNELS).train()
+    features, proposals, targets = _inputs()
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    instances = [torch.arange(len(t["boxes"])).repeat_interleave(3) for t in targets]
+    for (given, out), target, instance in zip(jittered, targets, instances):
+        torch.testing.assert_close(given, target["boxes"][instance])
+        copies = out.reshape(len(target["boxes"]), 3, 4)
+        assert not torch.equal(copies[:, 0], copies[:, 1])  # each copy drawn on its own
+    expected = _mask_loss_on(heads, features, [out for _, out in jittered], instances,
+                             [t["labels"][i] for t, i in zip(targets, instances)], targets)
+    torch.testing.assert_close(losses["loss_mask"], expected)
+
+
+@pytest.mark.parametrize("options", [{"gt_box_jitter": 0.0}, {"train_on": "proposals", "gt_box_jitter": 0.1}])
+def test_copies_of_ground_truth_boxes_need_jittered_ground_truth_boxes(options):
+    options = {"train_on": "gt_boxes", "gt_box_copies": 2, **options}
+    with pytest.raises(ValueError, match="gt_box_copies=2 needs train_on='gt_boxes' and gt_box_jitter > 0"):
+        build_roi_heads(_config(keypoints=False, **options), in_channels=CHANNELS)
+
+
 @pytest.mark.parametrize("restriction", ["mask_classes", "has_mask"])
 def test_only_instances_with_masks_of_chosen_classes_train_the_mask_head(restriction):
     torch.manual_seed(0)

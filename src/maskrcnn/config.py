@@ -120,6 +120,9 @@ class MaskHeadConfig:
     # Birodkar et al. 2021: which boxes train the mask head, and which classes have masks
     train_on: str = "proposals"  # "proposals" (Mask R-CNN) | "gt_boxes"
     gt_box_jitter: float = 0.0  # relative jitter of ground-truth boxes when train_on == "gt_boxes"
+    # train_on == "gt_boxes": each box trains the head this many times, each copy jittered on its own
+    # (positive proposals give several views of an object per step; one GT box gives one)
+    gt_box_copies: int = 1
     mask_classes: list[int] | None = None  # labels whose masks train the head; None = all
     # Cheng et al. 2021: point supervision
     point_supervision: bool = False
@@ -410,7 +413,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.rpn.batch_size_per_image": (1, None, True), "model.box_head.batch_size_per_image": (1, None, True),
     "model.box_head.score_thresh": (0, 1, True), "model.box_head.detections_per_img": (1, None, True),
     "model.keypoint_head.num_keypoints": (1, None, True),
-    "model.mask_head.loss_weight": (0, None, True), "model.keypoint_head.loss_weight": (0, None, True),
+    "model.mask_head.loss_weight": (0, None, True), "model.mask_head.gt_box_copies": (1, None, True), "model.keypoint_head.loss_weight": (0, None, True),
     "data.horizontal_flip": (0, 1, True), "data.color_jitter": (0, None, True), "data.num_workers": (0, None, True),
     "train.iterations": (0, None, True), "train.batch_size": (1, None, True),
     "train.lr": (0, None, True), "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True),

@@ -146,20 +146,23 @@ def mask_training_rois(
     train_on: str,
     gt_box_jitter: float,
     mask_classes: list[int] | None,
+    gt_box_copies: int = 1,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Per image: the boxes that train the mask head [M, 4], their instance indices [M] and labels [M].
 
     `train_on="proposals"`: the positive proposals (Mask R-CNN); `"gt_boxes"`: the ground-truth boxes,
-    jittered by `gt_box_jitter` (Birodkar et al.). Then only the instances with a mask annotation
+    jittered by `gt_box_jitter` (Birodkar et al.), each one `gt_box_copies` times (copies jittered
+    independently, instance after instance). Then only the instances with a mask annotation
     (`has_mask`, when the target has it) and, when `mask_classes` is given, a label among them.
     """
     boxes, matched, labels = [], [], []
     for i, target in enumerate(targets):  # loop over images
         if train_on == "gt_boxes":
             instance = torch.arange(len(target["boxes"]), device=target["boxes"].device)
-            roi_boxes = target["boxes"].to(proposals[i].dtype)
+            instance = instance.repeat_interleave(gt_box_copies)
+            roi_boxes = target["boxes"].to(proposals[i].dtype)[instance]
             roi_boxes = jitter_boxes(roi_boxes, image_size=image_sizes[i], fraction=gt_box_jitter)
-            roi_labels = target["labels"]
+            roi_labels = target["labels"][instance]
         else:
             positive = torch.where(proposal_labels[i] > 0)[0]
             instance = matched_idxs[i][positive]

@@ -158,6 +158,7 @@ class MaskTraining:
 
     train_on: str = "proposals"  # or "gt_boxes" (Birodkar et al.)
     gt_box_jitter: float = 0.0
+    gt_box_copies: int = 1  # jittered copies of each ground-truth box
     mask_classes: tuple[int, ...] | list[int] | None = None  # None: every class
     point_supervision: bool = False
     points_per_instance: int | None = None
@@ -167,6 +168,9 @@ class MaskTraining:
     def __post_init__(self) -> None:
         if self.train_on not in ("proposals", "gt_boxes"):
             raise ValueError(f"mask_head.train_on must be 'proposals' or 'gt_boxes', got {self.train_on!r}")
+        if self.gt_box_copies != 1 and (self.train_on != "gt_boxes" or self.gt_box_jitter == 0):
+            raise ValueError(f"mask_head.gt_box_copies={self.gt_box_copies} needs train_on='gt_boxes' and "
+                             f"gt_box_jitter > 0 (unjittered copies of a box would be the same RoI)")
         if self.point_loss_average not in POINT_LOSS_AVERAGES:
             raise ValueError(
                 f"mask_head.point_loss_average must be one of {POINT_LOSS_AVERAGES}, got {self.point_loss_average!r}"
@@ -225,6 +229,7 @@ class RoIHeads(nn.Module):
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         mask = mask_training
         self.mask_train_on, self.gt_box_jitter, self.mask_classes = mask.train_on, mask.gt_box_jitter, mask.mask_classes
+        self.gt_box_copies = mask.gt_box_copies
         self.point_supervision, self.points_per_instance = mask.point_supervision, mask.points_per_instance
         self.point_loss_average, self.mask_loss_weight = mask.point_loss_average, mask.loss_weight
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
@@ -330,7 +335,7 @@ class RoIHeads(nn.Module):
         boxes, matched, labels = mask_training_rois(
             targets=targets, proposals=samples.boxes, proposal_labels=samples.labels,
             matched_idxs=samples.matched_idxs, image_sizes=image_sizes, train_on=self.mask_train_on,
-            gt_box_jitter=self.gt_box_jitter, mask_classes=self.mask_classes,
+            gt_box_jitter=self.gt_box_jitter, gt_box_copies=self.gt_box_copies, mask_classes=self.mask_classes,
         )
         mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [R, C, M, M]
         if self.point_supervision:
@@ -393,7 +398,8 @@ def _mask_parts(config: ModelConfig, *, in_channels: int) -> dict:
         block=mask.block,
     )
     training = MaskTraining(
-        train_on=mask.train_on, gt_box_jitter=mask.gt_box_jitter, mask_classes=mask.mask_classes,
+        train_on=mask.train_on, gt_box_jitter=mask.gt_box_jitter, gt_box_copies=mask.gt_box_copies,
+        mask_classes=mask.mask_classes,
         point_supervision=mask.point_supervision, points_per_instance=mask.points_per_instance,
         point_loss_average=mask.point_loss_average, loss_weight=mask.loss_weight,
     )
