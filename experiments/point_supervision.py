@@ -11,6 +11,7 @@ Cityscapes and LVIS). Rows:
                                  over every point slot of every RoI (points outside a RoI count as
                                  zero), and 5 of the 10 points drawn anew each iteration
     10 points, loss weight 0.5   the first with the point loss halved (model.mask_head.loss_weight)
+    10 points, loss weight 0.25  ... quartered
     no mask loss                 no mask head at all (boxes and keypoints only): what the detector
                                  reaches without the masks' supervision of the shared backbone, to
                                  read the point runs' box AP against
@@ -75,6 +76,7 @@ def rows(args: argparse.Namespace, paths: dict[str, Path]) -> list[Run]:
             "model.mask_head.point_loss_average=all_points", "model.mask_head.points_per_instance=5",
         ],
         f"{args.num_points} points, loss weight 0.5": points + ["model.mask_head.loss_weight=0.5"],
+        f"{args.num_points} points, loss weight 0.25": points + ["model.mask_head.loss_weight=0.25"],
         NO_MASKS: files + [f"data.train.annotations={paths['train_annotations']}", "model.mask_head.enabled=false"],
     }
     return [Run(name, name.replace(",", "").replace("'", "").replace(" ", "_"), values) for name, values in named.items()]
