@@ -144,3 +144,21 @@ def test_batched_nms_top_k_stops_early(monkeypatch):
     monkeypatch.setattr(box_ops, "batched_nms", lambda *a: pytest.fail("ran NMS on all candidates"))
     assert len(box_ops.batched_nms_top_k(boxes, scores, idxs, 0.5, 100)) == 100
     assert sizes == [box_ops._FIRST_PREFIX]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batched_nms_top_k_on_low_precision_scores_runs_the_full_nms_once(monkeypatch, dtype):
+    """bf16 / fp16 scores (the RPN's under autocast) are full of ties: the same indices as
+    batched_nms, by one full run and no prefix tried first."""
+    from torchvision.ops import batched_nms
+
+    from maskrcnn.model import box_ops
+
+    g = torch.Generator().manual_seed(1)
+    boxes, scores = random_boxes(3000, size=300.0, generator=g), torch.rand(3000, generator=g).to(dtype)
+    idxs = torch.randint(5, (3000,), generator=g)
+    monkeypatch.setattr(box_ops, "_nms_per_class", lambda *a: pytest.fail("tried a prefix"))
+    with torch.autocast("cpu", dtype=dtype):  # as in the model: nms's autocast rule casts to float32
+        kept = box_ops.batched_nms_top_k(boxes, scores, idxs, 0.7, 300)
+        expected = batched_nms(boxes, scores, idxs, 0.7)[:300]
+    assert len(kept) == 300 and torch.equal(kept, expected)

@@ -234,9 +234,14 @@ def batched_nms_top_k(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold
     with equal scores come in the order of torchvision's unstable sort over all of them: then the
     full run is done.) The prefix grows 4x until it suffices. boxes `[N, 4]`, scores `[N]`, idxs
     `[N]` (class or level); returns int64 indices `[min(k, kept)]`, best first.
+
+    Scores in bfloat16 / float16 (the RPN's under autocast) take only a few hundred values, so
+    the best `k` survivors always hold ties and the prefix would be wasted: they go to the full run.
     """
     per_class_above = _PER_CLASS_NMS_ABOVE.get(boxes.device.type, _DEFAULT_PER_CLASS_NMS_ABOVE)
-    if boxes.numel() <= per_class_above or len(scores) <= _FIRST_PREFIX or torch.jit.is_tracing():
+    few_values = scores.dtype in (torch.bfloat16, torch.float16)
+    if (boxes.numel() <= per_class_above or len(scores) <= _FIRST_PREFIX or few_values
+            or torch.jit.is_tracing()):
         return batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     sorted_scores, order = scores.sort(descending=True, stable=True)
     size = _FIRST_PREFIX
