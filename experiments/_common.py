@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+import maskrcnn.config as maskrcnn_config
 from maskrcnn.config import Config, ConfigError, config_to_dict, load_config
 from maskrcnn.data.shapes import SHAPE_NAMES
 
@@ -144,24 +145,11 @@ def shapes_paths(config: Config) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------- records
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(stored: dict, wanted: dict) -> list[str]:
-    """`key: stored -> wanted` for every config key that differs (the output folder aside). A key
-    that the stored config lacks was added to the code after that run: it ran with the key's
-    default, which keeps the earlier behaviour."""
-    defaults, stored_flat, wanted_flat = _flat(config_to_dict(Config())), _flat(stored), _flat(wanted)
-    keys = sorted((set(stored_flat) | set(wanted_flat)) - {"train.output_dir"})
-    stored_flat = {k: stored_flat.get(k, defaults.get(k)) for k in keys}
-    return [f"{k}: {stored_flat[k]!r} -> {wanted_flat.get(k)!r}" for k in keys if stored_flat[k] != wanted_flat.get(k)]
+    """`key: stored -> wanted` for every config key that differs (the output folder aside); a key
+    that the stored config lacks counts as its default (maskrcnn.config.config_differences)."""
+    differing = maskrcnn_config.config_differences(stored, wanted, defaults=config_to_dict(Config()))
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in differing if key != "train.output_dir"]
 
 
 def record_key(run: Run, seed: int) -> str:

@@ -240,6 +240,25 @@ def test_resume_refuses_a_different_model(tmp_path):
         trainer.train(config, resume=True, model=tiny_model(), train_dataset=data)
 
 
+def test_resume_takes_a_checkpoint_from_before_a_config_key_was_added(tmp_path):
+    """A model key the checkpoint's config lacks (added to the code since) counts as its default:
+    the run resumes; the same key at another value is named in full."""
+    data = Rectangles(4)
+    trainer.train(tiny_config(tmp_path, iterations=1), model=tiny_model(), train_dataset=data)
+    saved = torch.load(tmp_path / "last.pth", weights_only=False)
+    del saved["model_config"]["mask_head"]["gt_box_copies"]
+    torch.save(saved, tmp_path / "last.pth")
+    assert trainer.train(tiny_config(tmp_path, iterations=2), resume=True, model=tiny_model(),
+                         train_dataset=data)["iteration"] == 2
+
+    config = tiny_config(tmp_path, iterations=3)
+    config.model.mask_head.gt_box_copies, config.model.mask_head.gt_box_jitter = 2, 0.1
+    config.model.mask_head.train_on = "gt_boxes"
+    with pytest.raises(ValueError, match=r"model config differs in model\.mask_head\.gt_box_copies, "
+                                         r"model\.mask_head\.gt_box_jitter, model\.mask_head\.train_on"):
+        trainer.train(config, resume=True, model=tiny_model(), train_dataset=data)
+
+
 def test_amp_bf16_on_cpu_and_gradient_clipping_train_with_finite_losses(tmp_path, monkeypatch):
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)

@@ -463,6 +463,17 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def config_differences(saved: dict, wanted: dict, *, defaults: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, wanted value) for each key whose values differ between two
+    configs as `config_to_dict` gives them (or one section of them). A key that `saved` lacks was
+    added to the code after `saved` was written: it counts as its value in `defaults` (the same
+    section of `config_to_dict(Config())`), which keeps the earlier behaviour."""
+    saved_flat, wanted_flat, default_flat = _flatten(saved), _flatten(wanted), _flatten(defaults)
+    saved_flat = {key: saved_flat.get(key, default_flat.get(key)) for key in set(saved_flat) | set(wanted_flat)}
+    return [(key, saved_flat[key], wanted_flat.get(key)) for key in sorted(saved_flat)
+            if saved_flat[key] != wanted_flat.get(key)]
+
+
 def config_from_dict(data: dict) -> Config:
     return from_dict(Config, data)
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from maskrcnn.checkpoint.format import atomic_save, remove_stale_temporaries
-from maskrcnn.config import Config, config_to_dict, save_config, validate_config
+from maskrcnn.config import Config, config_differences, config_to_dict, save_config, validate_config
 from maskrcnn.engine import distributed, run_outputs
 from maskrcnn.engine.ema import build_ema, model_to_evaluate
 from maskrcnn.engine.evaluation import flatten_metrics
@@ -637,10 +637,10 @@ def run_evaluation(parts: TrainingParts, state: TrainingState) -> None:
 
 def _check_resumable(checkpoint: dict, config: Config, context: distributed.DistributedContext, path: Path) -> None:
     """The checkpoint must come from the same model; a changed data layout is only worth a warning."""
-    wanted = config_to_dict(config)["model"]
-    if checkpoint.get("model_config") != wanted:
-        saved = checkpoint.get("model_config") or {}
-        differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    differing = [key for key, _, _ in config_differences(checkpoint.get("model_config") or {},
+                                                         config_to_dict(config)["model"],
+                                                         defaults=config_to_dict(Config())["model"])]
+    if differing:
         raise ValueError(f"cannot resume from {path}: its model config differs in model.{', model.'.join(differing)}")
     saved_optimizer = ((checkpoint.get("config") or {}).get("train") or {}).get("optimizer")
     if saved_optimizer is not None and saved_optimizer != config.train.optimizer:
