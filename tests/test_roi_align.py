@@ -1,4 +1,4 @@
-"""Our RoIAlign (vectorised CPU backward) against torchvision.ops.roi_align: outputs and gradients."""
+"""Our RoIAlign (one sparse matrix on the CPU in training) against torchvision.ops.roi_align: outputs and gradients."""
 
 import pytest
 import torch
@@ -98,8 +98,9 @@ def test_a_training_step_gives_the_losses_and_gradients_of_torchvision_roi_align
     for name, value in expected_losses.items():
         torch.testing.assert_close(losses[name], value, atol=1e-5, rtol=1e-5)
     assert gradients.keys() == expected_gradients.keys()
-    for name, value in expected_gradients.items():
-        torch.testing.assert_close(gradients[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    for name, value in expected_gradients.items():  # to float rounding of the tensor's own scale
+        scale = max(1.0, float(value.abs().max()))
+        torch.testing.assert_close(gradients[name], value, atol=1e-5 * scale, rtol=1e-5, msg=name)
 
     for parameter, expected in zip(model.parameters(), reference.parameters()):
         parameter.grad = None if expected.grad is None else expected.grad.clone()  # the same gradients now
