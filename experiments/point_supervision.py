@@ -12,6 +12,11 @@ Cityscapes and LVIS). Rows:
                                  zero), and 5 of the 10 points drawn anew each iteration
     10 points, loss weight 0.5   the first with the point loss halved (model.mask_head.loss_weight)
     10 points, loss weight 0.25  ... quartered
+    10 points, feature gradient 0.25
+                                 the first with a quarter of the point loss's gradient passed on to
+                                 the shared backbone (model.mask_head.feature_gradient); the mask
+                                 head itself learns from all of it
+    10 points, detached features the mask head trained on detached features (feature_gradient=0)
     no mask loss                 no mask head at all (boxes and keypoints only): what the detector
                                  reaches without the masks' supervision of the shared backbone, to
                                  read the point runs' box AP against
@@ -77,6 +82,8 @@ def rows(args: argparse.Namespace, paths: dict[str, Path]) -> list[Run]:
         ],
         f"{args.num_points} points, loss weight 0.5": points + ["model.mask_head.loss_weight=0.5"],
         f"{args.num_points} points, loss weight 0.25": points + ["model.mask_head.loss_weight=0.25"],
+        f"{args.num_points} points, feature gradient 0.25": points + ["model.mask_head.feature_gradient=0.25"],
+        f"{args.num_points} points, detached features": points + ["model.mask_head.feature_gradient=0"],
         NO_MASKS: files + [f"data.train.annotations={paths['train_annotations']}", "model.mask_head.enabled=false"],
     }
     return [Run(name, name.replace(",", "").replace("'", "").replace(" ", "_"), values) for name, values in named.items()]

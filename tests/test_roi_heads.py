@@ -132,6 +132,36 @@ def test_loss_weight_scales_only_its_own_loss(head, loss):
     torch.testing.assert_close(losses, expected)
 
 
+@pytest.mark.parametrize("share", [0.25, 0.0])
+def test_feature_gradient_scales_what_the_mask_loss_passes_to_the_features(share):
+    """The mask loss and the mask head's gradients stay; the features' gradient from the mask loss
+    is `share` times the plain one (none at 0)."""
+    features, proposals, targets = _inputs()
+    config = _config()
+    torch.manual_seed(0)
+    plain = build_roi_heads(config, in_channels=CHANNELS).train()
+    config.mask_head.feature_gradient = share
+    scaled = build_roi_heads(config, in_channels=CHANNELS).train()
+    scaled.load_state_dict(plain.state_dict())
+
+    def mask_gradients(heads):
+        inputs = {name: f.detach().requires_grad_(True) for name, f in features.items()}
+        torch.manual_seed(1)
+        _, losses = heads(inputs, proposals, IMAGE_SIZES, targets)
+        losses["loss_mask"].backward()
+        head = {name: p.grad for name, p in heads.mask_head.named_parameters()}
+        return losses["loss_mask"], head, {name: f.grad for name, f in inputs.items()}
+
+    expected_loss, expected_head, expected_features = mask_gradients(plain)
+    loss, head, feature_grads = mask_gradients(scaled)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(head, expected_head)
+    reached = {name: grad for name, grad in expected_features.items() if grad is not None}  # the pooled levels
+    assert any(grad.abs().sum() > 0 for grad in reached.values())
+    for name, grad in reached.items():
+        torch.testing.assert_close(feature_grads[name], share * grad, msg=name)
+
+
 def test_detections_equal_torchvision():
     torch.manual_seed(0)
     ours = build_roi_heads(_config(), in_channels=CHANNELS).eval()

@@ -131,6 +131,10 @@ class MaskHeadConfig:
     # "all_points": over all labelled points of the RoIs' objects (PointSup's code), see point_supervision.py
     point_loss_average: str = "valid_points"
     loss_weight: float = 1.0  # multiplies loss_mask (the point loss too, with point_supervision)
+    # The share of the mask loss's gradient that reaches the shared backbone, FPN and RPN (the mask
+    # head itself gets all of it): 0 trains the head on detached features. Unlike loss_weight it
+    # leaves the head's own learning as it is (the point loss's gradient on the backbone costs box AP).
+    feature_gradient: float = 1.0
 
 
 @dataclass
@@ -414,7 +418,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.box_head.score_thresh": (0, 1, True), "model.box_head.detections_per_img": (1, None, True),
     "model.keypoint_head.num_keypoints": (1, None, True),
     "model.mask_head.loss_weight": (0, None, True), "model.keypoint_head.loss_weight": (0, None, True),
-    "model.mask_head.gt_box_copies": (1, None, True),
+    "model.mask_head.gt_box_copies": (1, None, True), "model.mask_head.feature_gradient": (0, 1, True),
     "data.horizontal_flip": (0, 1, True), "data.color_jitter": (0, None, True), "data.num_workers": (0, None, True),
     "train.iterations": (0, None, True), "train.batch_size": (1, None, True),
     "train.lr": (0, None, True), "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True),

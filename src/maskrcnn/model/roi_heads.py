@@ -164,6 +164,7 @@ class MaskTraining:
     points_per_instance: int | None = None
     point_loss_average: str = "valid_points"
     loss_weight: float = 1.0  # multiplies loss_mask
+    feature_gradient: float = 1.0  # share of the mask loss's gradient passed on to the pooled features
 
     def __post_init__(self) -> None:
         if self.train_on not in ("proposals", "gt_boxes"):
@@ -232,6 +233,7 @@ class RoIHeads(nn.Module):
         self.gt_box_copies = mask.gt_box_copies
         self.point_supervision, self.points_per_instance = mask.point_supervision, mask.points_per_instance
         self.point_loss_average, self.mask_loss_weight = mask.point_loss_average, mask.loss_weight
+        self.mask_feature_gradient = mask.feature_gradient
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
         self.keypoint_loss_weight, self.keypoint_decoding = keypoint_options.loss_weight, keypoint_options.decoding
 
@@ -337,7 +339,8 @@ class RoIHeads(nn.Module):
             matched_idxs=samples.matched_idxs, image_sizes=image_sizes, train_on=self.mask_train_on,
             gt_box_jitter=self.gt_box_jitter, gt_box_copies=self.gt_box_copies, mask_classes=self.mask_classes,
         )
-        mask_logits = self.mask_head(self.mask_pooler(features, boxes, image_sizes))  # [R, C, M, M]
+        pooled = scale_gradient(self.mask_pooler(features, boxes, image_sizes), self.mask_feature_gradient)
+        mask_logits = self.mask_head(pooled)  # [R, C, M, M]
         if self.point_supervision:
             coords, point_labels = points_of_rois(targets, matched, points_per_instance=self.points_per_instance)
             return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels),
@@ -402,6 +405,7 @@ def _mask_parts(config: ModelConfig, *, in_channels: int) -> dict:
         mask_classes=mask.mask_classes,
         point_supervision=mask.point_supervision, points_per_instance=mask.points_per_instance,
         point_loss_average=mask.point_loss_average, loss_weight=mask.loss_weight,
+        feature_gradient=mask.feature_gradient,
     )
     return dict(mask_pooler=_pooler(config, mask), mask_head=head, mask_training=training)
 
@@ -444,3 +448,10 @@ def build_roi_heads(config: ModelConfig, *, in_channels: int) -> RoIHeads:
         ),
         **heads,
     )
+
+
+def scale_gradient(x: Tensor, scale: float) -> Tensor:
+    """`x` in the forward; its gradient times `scale` in the backward (0: detached)."""
+    if scale == 1.0:
+        return x
+    return x.detach() + scale * (x - x.detach())
