@@ -82,10 +82,13 @@ def _transposed(matrix: Tensor) -> Tensor:
     order = torch.argsort(keys, stable=True)  # stable: each pixel's entries keep A's row order
     row_starts = torch.zeros(num_columns + 1, dtype=torch.int64)
     torch.cumsum(torch.bincount(keys, minlength=num_columns), dim=0, out=row_starts[1:])
+    return _csr(row_starts, order.div(per_row, rounding_mode="floor"), values[order], (num_columns, num_rows))
+
+
+def _csr(row_starts: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(row_starts, order.div(per_row, rounding_mode="floor"), values[order],
-                                       (num_columns, num_rows), check_invariants=False)
+        return torch.sparse_csr_tensor(row_starts, columns, values, shape, check_invariants=False)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,10 +119,7 @@ def interpolation_matrix(
     values = y_weights.permute(2, 1, 0)[:, :, None, :, None] * x_weights.permute(2, 1, 0)[:, None, :, None, :]
     num_bins, per_bin = len(rois) * output_size * output_size, y_rows.shape[0] * x_rows.shape[0]
     row_starts = torch.arange(0, num_bins * per_bin + 1, per_bin)
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(row_starts, (y_part + x_part).reshape(-1), values.reshape(-1),
-                                       (num_bins, batch * height * width), check_invariants=False)
+    return _csr(row_starts, (y_part + x_part).reshape(-1), values.reshape(-1), (num_bins, batch * height * width))
 
 
 def _both_axes(
