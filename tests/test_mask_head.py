@@ -65,6 +65,52 @@ def test_build_mask_head_shapes(architecture, class_agnostic):
     assert head(torch.randn(2, 8, 14, 14)).shape == (2, 1 if class_agnostic else 4, 28, 28)
 
 
+@pytest.mark.parametrize("architecture", ["fcn", "resnet", "hourglass"])
+@pytest.mark.parametrize("class_agnostic", [False, True])
+@pytest.mark.parametrize("num_rois", [5, 0])
+def test_own_class_logits_equal_the_full_heads_channel(architecture, class_agnostic, num_rois):
+    """`head(x, labels)` (training) gives the channel `labels[r]` of `head(x)`, and the same
+    gradients for every weight and the features (float64: to rounding)."""
+    torch.manual_seed(0)
+    head = build_mask_head(architecture=architecture, in_channels=6, num_classes=4, conv_dim=8, num_convs=2,
+                           norm="gn", class_agnostic=class_agnostic).double()
+    for parameter in head.parameters():  # the resnet / hourglass inits put zeros where this test needs values
+        parameter.data.normal_(0, 0.5)
+    labels = torch.randint(1, 5, (num_rois,))
+    targets = torch.rand(num_rois, 28, 28, dtype=torch.float64)
+
+    def loss_and_gradients(own_class: bool):
+        features = torch.randn(num_rois, 6, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        features.requires_grad_()
+        head.zero_grad()
+        logits = head(features, labels) if own_class else head(features)
+        assert logits.shape == (num_rois, 1 if own_class or class_agnostic else 5, 28, 28)
+        loss = mask_loss(logits, targets, labels)
+        loss.backward()
+        return [loss, features.grad] + [p.grad for p in head.parameters()], logits
+
+    (full, full_logits), (own, own_logits) = loss_and_gradients(False), loss_and_gradients(True)
+    if num_rois:
+        channel = labels if not class_agnostic else torch.zeros_like(labels)
+        torch.testing.assert_close(own_logits[:, 0], full_logits[torch.arange(num_rois), channel], rtol=0, atol=1e-12)
+    for a, b in zip(full, own):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_own_class_logits_under_bf16_autocast():
+    """The training path under CPU bf16 autocast stays within bf16 rounding of the full head's channel."""
+    torch.manual_seed(0)
+    head = MaskFCNHead(in_channels=8, out_channels=5, conv_dim=16, num_convs=2)
+    features, labels = torch.randn(7, 8, 14, 14), torch.randint(1, 5, (7,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own, full = head(features, labels), head(features)[torch.arange(7), labels]
+    reference = head(features)[torch.arange(7), labels]
+    assert own.shape == (7, 1, 28, 28)
+    scale = reference.abs().max()
+    assert (own[:, 0].float() - reference).abs().max() <= 0.02 * scale
+    assert (full.float() - reference).abs().max() <= 0.02 * scale
+
+
 def test_build_mask_head_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="'unet'"):
         build_mask_head(architecture="unet", in_channels=8, num_classes=3)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.model.layers import HEAD_NORMS, check_norm, conv, norm_layer
+from maskrcnn.model.mask_head import own_class_logits, upsample_and_predict
 
 BLOCKS = ("bottleneck", "basic")
 
@@ -143,14 +144,13 @@ class _MaskHeadBase(nn.Module):
                 last = module.branch[-1] if not isinstance(module.branch[-1], nn.Identity) else module.branch[-2]
                 nn.init.zeros_(last.weight)
 
-    def forward(self, features: Tensor) -> Tensor:
-        """features: [R, in_channels, S, S] -> mask logits [R, out_channels, 2S, 2S]."""
+    def forward(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
+        """features: [R, in_channels, S, S] -> mask logits [R, out_channels, 2S, 2S]; with `labels [R]`
+        only each RoI's own class, [R, 1, 2S, 2S] (training: the loss reads no other)."""
         x = self.stem(features)  # [R, conv_dim, S, S]
         if self.body_after_upsampling:
-            x = self.body(F.relu(self.deconv(x)))  # [R, conv_dim, 2S, 2S]
-        else:
-            x = F.relu(self.deconv(self.body(x)))  # [R, conv_dim, 2S, 2S]
-        return self.predictor(x)
+            return own_class_logits(self.body(F.relu(self.deconv(x))), self.predictor, labels)
+        return upsample_and_predict(self.body(x), self.deconv, self.predictor, labels)
 
 
 class ResidualMaskHead(_MaskHeadBase):

@@ -48,8 +48,49 @@ class MaskFCNHead(nn.Module):
         nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, features: Tensor) -> Tensor:
-        return self.predictor(self.relu(self.deconv(self.convs(features))))
+    def forward(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
+        """`labels [R]`: only each RoI's own class, `[R, 1, 2S, 2S]` (training: the loss reads no other)."""
+        x = self.convs(features)
+        if labels is not None:
+            return upsample_and_predict(x, self.deconv, self.predictor, labels)
+        return self.predictor(self.relu(self.deconv(x)))
+
+
+def own_class_logits(x: Tensor, predictor: nn.Conv2d, labels: Tensor | None) -> Tensor:
+    """The 1x1 `predictor`'s logits `[R, C, H, W]` of `x [R, D, H, W]`, or with `labels [R]` only each
+    RoI's own channel `[R, 1, H, W]`: one dot product per pixel instead of C (C - 1 of them unused)."""
+    if labels is None or predictor.out_channels == 1:
+        return predictor(x)
+    num_rois, channels, height, width = x.shape
+    weight = predictor.weight[labels].view(num_rois, 1, channels).to(x.dtype)  # [R, 1, D]
+    logits = torch.matmul(weight, x.reshape(num_rois, channels, height * width)).view(num_rois, 1, height, width)
+    return logits if predictor.bias is None else logits + predictor.bias[labels].view(-1, 1, 1, 1)
+
+
+def upsample_and_predict(x: Tensor, deconv: nn.ConvTranspose2d, predictor: nn.Conv2d, labels: Tensor | None) -> Tensor:
+    """`predictor(relu(deconv(x)))`: `[R, D, S, S]` -> `[R, C, 2S, 2S]`, or `[R, 1, 2S, 2S]` with `labels`.
+
+    With `labels` and a 2 x 2 stride-2 deconvolution, computed on the S x S grid: such a deconvolution
+    writes each output 2 x 2 cell from one input pixel, `out[o, 2i + a, 2j + b] = bias[o] +
+    sum_d x[d, i, j] W[d, o, a, b]`, so it is one 1x1 convolution to 4 x O channels, one per (a, b);
+    the ReLU and the own-class dot product run there, and only the final one-channel logits are
+    interleaved into 2S x 2S. The same sums as the deconvolution, without its slower CPU kernels
+    and the full-resolution per-class logits (float rounding only).
+    """
+    simple = (deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation, deconv.groups)
+    if labels is None or predictor.out_channels == 1 or type(deconv) is not nn.ConvTranspose2d or simple != (
+        (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1
+    ):
+        return own_class_logits(F.relu(deconv(x)), predictor, labels)
+    num_rois, _, height, width = x.shape
+    out = deconv.out_channels
+    weight = deconv.weight.permute(2, 3, 1, 0).reshape(4 * out, -1, 1, 1)  # [(a, b, o), D, 1, 1]
+    bias = None if deconv.bias is None else deconv.bias.repeat(4)
+    upsampled = F.relu(F.conv2d(x, weight, bias))  # [R, 4 * O, S, S]
+    own = predictor.weight[labels].view(num_rois, 1, 1, out)  # [R, 1, 1, O]
+    cells = torch.matmul(own.to(upsampled.dtype), upsampled.view(num_rois, 4, out, height * width))  # [R, 4, 1, S*S]
+    logits = cells.view(num_rois, 2, 2, height, width).permute(0, 3, 1, 4, 2).reshape(num_rois, 1, 2 * height, 2 * width)
+    return logits if predictor.bias is None else logits + predictor.bias[labels].view(-1, 1, 1, 1)
 
 
 def build_mask_head(
@@ -68,7 +109,8 @@ def build_mask_head(
     "fcn" is Mask R-CNN's head (num_convs = 4); "deep_fcn" is the same FCN meant to be used with
     more convs (Birodkar et al. compare heads by depth); "resnet" and "hourglass" are the deeper
     heads of Birodkar et al. in `mask_architectures.py`. All map `[R, C, S, S]` to
-    `[R, K + 1 or 1, 2S, 2S]`. `block` ("bottleneck" | "basic") is the residual block of the
+    `[R, K + 1 or 1, 2S, 2S]`, and with `head(features, labels)` to `[R, 1, 2S, 2S]`, each RoI's own
+    class (`upsample_and_predict`). `block` ("bottleneck" | "basic") is the residual block of the
     resnet and hourglass heads; the FCN heads have none.
     """
     out_channels = 1 if class_agnostic else num_classes + 1
@@ -187,9 +229,10 @@ def _select_class_channel(mask_logits: Tensor, labels: Tensor) -> Tensor:
 def mask_loss(mask_logits: Tensor, mask_targets: Tensor, labels: Tensor) -> Tensor:
     """Mean per-pixel sigmoid BCE between the logits of each RoI's own class and its target.
 
-    mask_logits `[R, C, M, M]`, mask_targets `[R, M, M]` in [0, 1], labels `[R]` (>= 1; positive
-    RoIs only). Other classes' channels get no loss (no competition between classes, the paper's
-    key choice). Exactly 0 and connected to the graph when `R == 0`.
+    mask_logits `[R, C, M, M]` (or `[R, 1, M, M]`: class-agnostic, or already each RoI's own class,
+    as the heads give with `labels`), mask_targets `[R, M, M]` in [0, 1], labels `[R]` (>= 1;
+    positive RoIs only). Other classes' channels get no loss (no competition between classes, the
+    paper's key choice). Exactly 0 and connected to the graph when `R == 0`.
     """
     if len(labels) == 0:
         return mask_logits.sum() * 0

@@ -75,7 +75,7 @@ def point_mask_loss(
 
     Args:
         mask_logits: [R, C, M, M] predicted logits over each RoI (C = classes, or 1 when
-            class-agnostic).
+            class-agnostic or already each RoI's own class).
         boxes: [R, 4] the RoIs the logits were predicted for, x1y1x2y2, image coordinates.
         point_coords: [R, P, 2] (x, y) of each RoI's instance's points, image coordinates.
         point_labels: [R, P] 1 inside the object, 0 outside, -1 ignored (padding).

@@ -340,7 +340,8 @@ class RoIHeads(nn.Module):
             gt_box_jitter=self.gt_box_jitter, gt_box_copies=self.gt_box_copies, mask_classes=self.mask_classes,
         )
         pooled = scale_gradient(self.mask_pooler(features, boxes, image_sizes), self.mask_feature_gradient)
-        mask_logits = self.mask_head(pooled)  # [R, C, M, M]
+        # [R, 1, M, M]: each RoI's own class only, the one channel both losses read.
+        mask_logits = self.mask_head(pooled, labels=torch.cat(labels))
         if self.point_supervision:
             coords, point_labels = points_of_rois(targets, matched, points_per_instance=self.points_per_instance)
             return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels),
