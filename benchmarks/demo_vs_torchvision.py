@@ -145,10 +145,38 @@ def _one_batch(config: Config) -> tuple[list, list]:
     return list(images), list(targets)
 
 
-def _step_runners(config: Config, *, levers: bool) -> dict:
+def _load_same_weights(model: nn.Module, weights: str, *, torchvision_model: bool) -> None:
+    """Our checkpoint's weights into ours, or into torchvision's model through the checkpoint
+    converter's key names (checkpoint/torchvision.py: torchvision's keys -> ours, inverted here)."""
+    import maskrcnn
+    from maskrcnn.checkpoint.torchvision import convert_torchvision_state_dict
+
+    state = maskrcnn.load_checkpoint(weights).state_dict()
+    if not torchvision_model:
+        model.load_state_dict(state)
+        return
+    theirs = model.model.state_dict()
+    ours_names = convert_torchvision_state_dict(theirs)  # the same entries, renamed, in the same order
+    loaded = {}
+    for key, name in zip(theirs, ours_names):
+        if name in state:
+            loaded[key] = state[name]
+        elif key.endswith(".bias"):  # torchvision's normed head convs keep a bias that ours leave out: zero
+            loaded[key] = torch.zeros_like(theirs[key])
+        else:
+            raise KeyError(f"{weights}: no weights for torchvision's {key} (ours: {name})")
+    model.model.load_state_dict(loaded)
+
+
+def _step_runners(config: Config, *, levers: bool, weights: str | None = None) -> dict:
     """name -> a function running one training step as the trainer does it (forward under the
-    recipe's autocast, backward, the recipe's gradient clipping and optimizer; the learning rate
-    stays at the recipe's, which changes nothing in the cost)."""
+    recipe's autocast, backward, the recipe's gradient clipping and optimizer).
+
+    The learning rate stays at the recipe's unless `weights` is given: each model then moves on
+    the one batch in its own way, and the cost of a step follows (the positives, hence the mask
+    and keypoint heads' work, grow as a model learns the batch). With `weights`, both models start
+    from the same trained weights and the learning rate is 0: the same state, the same proposals
+    and RoIs, every step the same work."""
     import maskrcnn.model.roi_heads as roi_heads
     from maskrcnn.engine import optim
     from maskrcnn.engine.optim import clip_gradients
@@ -168,6 +196,8 @@ def _step_runners(config: Config, *, levers: bool) -> dict:
     def runner(name: str, variant: dict):
         torch.manual_seed(0)
         model = DenseMasks(torchvision_mask_rcnn(config.model)) if name == "torchvision" else build_model(config.model)
+        if weights:
+            _load_same_weights(model, weights, torchvision_model=name == "torchvision")
         model.train()
         if variant.get("channels_last"):
             model.to(memory_format=torch.channels_last)
@@ -178,6 +208,9 @@ def _step_runners(config: Config, *, levers: bool) -> dict:
             optimizer = optim.build_optimizer(model, settings)
         finally:
             optim._fused_supported = fused_supported
+        if weights:
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
 
         def step() -> None:
             pooling = roi_heads.roi_align
@@ -199,11 +232,11 @@ def _step_runners(config: Config, *, levers: bool) -> dict:
             for name, variant in variants.items()}
 
 
-def time_steps(config: Config, steps: int, *, rounds: int, levers: bool) -> None:
+def time_steps(config: Config, steps: int, *, rounds: int, levers: bool, weights: str | None = None) -> None:
     """Training-step cost of the models on one fixed batch: `rounds` rounds, each timing `steps`
     steps of every model in turn (interleaved, so that a load change on a shared machine hits all
     of them alike); prints each model's median seconds per step and its ratio to torchvision's."""
-    runners = _step_runners(config, levers=levers)
+    runners = _step_runners(config, levers=levers, weights=weights)
     for step in runners.values():  # warm-up: allocators, kernels, the first autograd graph
         step()
     clocks = {"wall": time.perf_counter, "CPU": time.process_time}  # CPU: this process's, less hit by others' load
@@ -240,6 +273,8 @@ def main() -> None:
     parser.add_argument("--r50", action="store_true",
                         help="torchvision's default Mask R-CNN R50-FPN recipe (the coco_mask_rcnn_R50_FPN_1x recipe, "
                              "800 px, 1 image, fp32, no pretrained weights) on a shapes image, instead of --config")
+    parser.add_argument("--weights", help="with --steps: both models start from this checkpoint of ours (e.g. a "
+                        "demo run's last.pth) with the learning rate at 0, so that both time the same trained state")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
     overrides = (REFERENCE if args.reference else []) + [f"train.output_dir={args.out}"] + args.overrides
@@ -254,7 +289,7 @@ def main() -> None:
           f"{config.model.transform.min_size} px, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     if args.steps:
-        time_steps(config, args.steps, rounds=args.rounds, levers=args.levers)
+        time_steps(config, args.steps, rounds=args.rounds, levers=args.levers, weights=args.weights)
         return
     rows = []
     for name, is_torchvision in (("ours", False), ("torchvision", True)):

@@ -58,3 +58,35 @@ def test_inference_summary_line_gives_the_ratios_as_shipped():
     processes = {"default": {"torchvision": 4.0, "fast": 2.5}, "heap": {"torchvision": 3.0, "fast": 2.0}}
     assert "as shipped: fast **2.00x**" in benchmark.summary(medians, processes)
     assert "fast **2.00x**" in benchmark.summary(medians, None) and "one process" in benchmark.summary(medians, None)
+
+
+def test_step_benchmark_starts_both_models_from_the_same_weights(tmp_path):
+    """`demo_vs_torchvision.py --steps --weights`: our checkpoint, loaded into torchvision's model
+    through the converter's key names, sets every torchvision weight to ours (the biases ours
+    leave out, before a norm, to zero)."""
+    import torch
+
+    from maskrcnn.checkpoint.format import save_checkpoint
+    from maskrcnn.checkpoint.torchvision import convert_torchvision_state_dict
+    from maskrcnn.config import load_config
+    from maskrcnn.model.mask_rcnn import build_model
+
+    benchmark = _load_benchmark("demo_vs_torchvision")
+    config = load_config("shapes_demo", ["model.backbone.fpn_channels=16", "model.box_head.fc_dim=32",
+                                         "model.mask_head.conv_dim=8", "model.keypoint_head.conv_dim=8"])
+    torch.manual_seed(0)
+    ours = build_model(config.model)
+    weights = save_checkpoint(tmp_path / "weights.pth", ours, model_config=config.model)
+    theirs = benchmark.DenseMasks(benchmark.torchvision_mask_rcnn(config.model))
+    before = {k: v.clone() for k, v in theirs.model.state_dict().items()}
+    benchmark._load_same_weights(theirs, str(weights), torchvision_model=True)
+    after = theirs.model.state_dict()
+    names = convert_torchvision_state_dict(after)
+    state = ours.state_dict()
+    for key, name in zip(after, names):
+        expected = state[name] if name in state else torch.zeros_like(after[key])
+        if name not in state:
+            assert key.endswith(".bias"), key
+        torch.testing.assert_close(after[key], expected, rtol=0, atol=0)
+    layers = [k for k in after if after[k].dim() >= 2]  # conv and linear weights: random at initialisation
+    assert layers and all(not torch.equal(after[k], before[k]) for k in layers)  # torchvision's own init replaced
