@@ -72,25 +72,27 @@ def upsample_and_predict(x: Tensor, deconv: nn.ConvTranspose2d, predictor: nn.Co
 
     With `labels` and a 2 x 2 stride-2 deconvolution, computed on the S x S grid: such a deconvolution
     writes each output 2 x 2 cell from one input pixel, `out[o, 2i + a, 2j + b] = bias[o] +
-    sum_d x[d, i, j] W[d, o, a, b]`, so it is one 1x1 convolution to 4 x O channels, one per (a, b);
+    sum_d x[d, i, j] W[d, o, a, b]`, so it is one 1x1 convolution to O x 4 channels, one per (o, a, b);
     the ReLU and the own-class dot product run there, and only the final one-channel logits are
     interleaved into 2S x 2S. The same sums as the deconvolution, without its slower CPU kernels
     and the full-resolution per-class logits (float rounding only).
     """
-    simple = (deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation, deconv.groups)
-    if labels is None or predictor.out_channels == 1 or type(deconv) is not nn.ConvTranspose2d or simple != (
-        (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1
-    ):
+    if labels is None or predictor.out_channels == 1 or not _is_2x2_stride_2(deconv):
         return own_class_logits(F.relu(deconv(x)), predictor, labels)
     num_rois, _, height, width = x.shape
-    out = deconv.out_channels
-    weight = deconv.weight.permute(2, 3, 1, 0).reshape(4 * out, -1, 1, 1)  # [(a, b, o), D, 1, 1]
-    bias = None if deconv.bias is None else deconv.bias.repeat(4)
-    upsampled = F.relu(F.conv2d(x, weight, bias))  # [R, 4 * O, S, S]
-    own = predictor.weight[labels].view(num_rois, 1, 1, out)  # [R, 1, 1, O]
-    cells = torch.matmul(own.to(upsampled.dtype), upsampled.view(num_rois, 4, out, height * width))  # [R, 4, 1, S*S]
-    logits = cells.view(num_rois, 2, 2, height, width).permute(0, 3, 1, 4, 2).reshape(num_rois, 1, 2 * height, 2 * width)
-    return logits if predictor.bias is None else logits + predictor.bias[labels].view(-1, 1, 1, 1)
+    weight = deconv.weight.permute(1, 2, 3, 0).reshape(-1, deconv.in_channels, 1, 1)  # [(o, a, b), D, 1, 1]
+    bias = None if deconv.bias is None else deconv.bias.repeat_interleave(4)
+    upsampled = F.relu(F.conv2d(x, weight, bias))  # [R, O * 4, S, S]
+    # Viewed as O channels over a (a, b, i) x j grid, so that the own-class dot product is the 1x1 one.
+    cells = own_class_logits(upsampled.view(num_rois, deconv.out_channels, 4 * height, width), predictor, labels)  # [R, 1, 4S, S]
+    return cells.view(num_rois, 2, 2, height, width).permute(0, 3, 1, 4, 2).reshape(num_rois, 1, 2 * height, 2 * width)
+
+
+def _is_2x2_stride_2(deconv: nn.Module) -> bool:
+    """A plain `ConvTranspose2d` whose output 2 x 2 cells each come from one input pixel."""
+    return type(deconv) is nn.ConvTranspose2d and (
+        deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation, deconv.groups
+    ) == ((2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1)
 
 
 def build_mask_head(
