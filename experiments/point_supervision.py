@@ -17,6 +17,13 @@ Cityscapes and LVIS). Rows:
                                  the shared backbone (model.mask_head.feature_gradient); the mask
                                  head itself learns from all of it
     10 points, detached features the mask head trained on detached features (feature_gradient=0)
+    10 points, outside-box negatives
+                                 the first plus the BCE towards 0 of the RoI's mask cells outside its
+                                 instance's box (model.mask_head.outside_box_weight=1): the points lie
+                                 inside the box, so nothing else tells the head where a larger RoI's
+                                 object ends
+    10 points, outside-box negatives, detached features
+                                 the same on detached features
     no mask loss                 no mask head at all (boxes and keypoints only): what the detector
                                  reaches without the masks' supervision of the shared backbone, to
                                  read the point runs' box AP against
@@ -84,6 +91,10 @@ def rows(args: argparse.Namespace, paths: dict[str, Path]) -> list[Run]:
         f"{args.num_points} points, loss weight 0.25": points + ["model.mask_head.loss_weight=0.25"],
         f"{args.num_points} points, feature gradient 0.25": points + ["model.mask_head.feature_gradient=0.25"],
         f"{args.num_points} points, detached features": points + ["model.mask_head.feature_gradient=0"],
+        f"{args.num_points} points, outside-box negatives": points + ["model.mask_head.outside_box_weight=1"],
+        f"{args.num_points} points, outside-box negatives, detached features": points + [
+            "model.mask_head.outside_box_weight=1", "model.mask_head.feature_gradient=0",
+        ],
         NO_MASKS: files + [f"data.train.annotations={paths['train_annotations']}", "model.mask_head.enabled=false"],
     }
     return [Run(name, name.replace(",", "").replace("'", "").replace(" ", "_"), values) for name, values in named.items()]

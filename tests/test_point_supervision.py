@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from maskrcnn.model.point_supervision import point_mask_loss, sample_point_subset
+from maskrcnn.model.point_supervision import outside_box_loss, point_mask_loss, sample_point_subset
 
 M = 6
 
@@ -190,3 +190,38 @@ def test_sample_point_subset():
     one = sample_point_subset(point_labels, 3, torch.Generator().manual_seed(7))
     assert torch.equal(one, sample_point_subset(point_labels, 3, torch.Generator().manual_seed(7)))
     assert torch.equal(sample_point_subset(point_labels, 10), point_labels)
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_outside_box_loss_equals_hand_written(num_classes):
+    """RoI [0, 8] x [0, 8] on a 4 x 4 grid (cell centres 1, 3, 5, 7); instance box x in [0, 4.5],
+    y in [2.5, 8]: row 0 (y = 1) and columns 2, 3 (x = 5, 7) lie outside, 10 of the 16 cells."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, num_classes, 4, 4, generator=generator, dtype=torch.float64) * 3
+    rois = torch.tensor([[0.0, 0.0, 8.0, 8.0], [10.0, 10.0, 18.0, 18.0]], dtype=torch.float64)
+    instance_boxes = torch.tensor([[0.0, 2.5, 4.5, 8.0], [10.0, 10.0, 18.0, 18.0]], dtype=torch.float64)
+    labels = torch.tensor([num_classes - 1, 0])
+    grid = logits[0, num_classes - 1].tolist()
+    outside = [(r, c) for r in range(4) for c in range(4) if r == 0 or c >= 2]
+    assert len(outside) == 10
+    # BCE towards 0 with logits: softplus(z)
+    expected = sum(math.log1p(math.exp(-abs(grid[r][c]))) + max(grid[r][c], 0.0) for r, c in outside) / 10
+    loss = outside_box_loss(logits, rois, instance_boxes, labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+    logits.requires_grad_(True)
+    outside_box_loss(logits, rois, instance_boxes, labels).backward()
+    touched = logits.grad.abs() > 0
+    assert touched[1].sum() == 0  # the second RoI is its instance's box: nothing outside
+    assert {(r, c) for r, c in touched[0, num_classes - 1].nonzero().tolist()} == set(outside)
+    assert touched[0].sum() == 10  # only the RoI's own class channel
+
+
+def test_outside_box_loss_is_zero_and_connected_without_outside_cells():
+    boxes = torch.tensor([[2.0, 3.0, 20.0, 30.0]])
+    for logits, rois in ((torch.randn(1, 1, 6, 6, requires_grad=True), boxes),
+                         (torch.randn(0, 1, 6, 6, requires_grad=True), boxes[:0])):
+        loss = outside_box_loss(logits, rois, rois, torch.zeros(len(rois), dtype=torch.long))
+        assert loss.item() == 0.0
+        loss.backward()
+        assert logits.grad is not None and logits.grad.abs().sum() == 0

@@ -11,10 +11,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads as TvRoIHeads
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.mask_head import jitter_boxes, mask_loss, mask_targets
+from maskrcnn.model.point_supervision import outside_box_loss
 from maskrcnn.model.roi_heads import MultiLevelRoIAlign, build_roi_heads
 
 CHANNELS, NUM_CLASSES, NUM_KEYPOINTS, WIDTH = 8, 3, 4, 8
@@ -393,3 +394,53 @@ def test_detectron2_level_assignment_at_a_level_boundary():
     for assignment, level in (("detectron2", 0), ("torchvision", 1)):
         pooler = MultiLevelRoIAlign(output_size=2, sampling_ratio=2, aligned=True, level_assignment=assignment)
         assert pooler(features, boxes, [(1024, 1024)]).unique().tolist() == [float(level)], assignment
+
+
+def _with_points(targets, num_points: int = 10, seed: int = 5):
+    """Each instance gets `num_points` points drawn in its box, labelled from its mask."""
+    g = torch.Generator().manual_seed(seed)
+    for t in targets:
+        boxes = t["boxes"]
+        coords = boxes[:, None, :2] + torch.rand(len(boxes), num_points, 2, generator=g) * (boxes[:, None, 2:] - boxes[:, None, :2])
+        rows, columns = coords[..., 1].long(), coords[..., 0].long()
+        t["point_coords"] = coords
+        t["point_labels"] = t["masks"][torch.arange(len(boxes))[:, None], rows, columns].float()
+    return targets
+
+
+def test_outside_box_weight_adds_the_weighted_outside_box_loss(monkeypatch):
+    """loss_mask = point loss + w * outside_box_loss, on the instances' own boxes; on GT-box RoIs
+    (train_on=gt_boxes) no cell is outside and the term is exactly 0."""
+    import maskrcnn.model.roi_heads as roi_heads_module
+
+    calls = []
+    def recording(mask_logits, rois, instance_boxes, labels):
+        calls.append((rois, instance_boxes, outside_box_loss(mask_logits, rois, instance_boxes, labels)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(roi_heads_module, "outside_box_loss", recording)
+    features, proposals, targets = _inputs()
+    targets = _with_points(targets)
+    for train_on in ("proposals", "gt_boxes"):
+        losses = {}
+        for weight in (0.0, 0.5):
+            torch.manual_seed(0)
+            heads = build_roi_heads(_config(keypoints=False, point_supervision=True, outside_box_weight=weight,
+                                            train_on=train_on), in_channels=CHANNELS).train()
+            torch.manual_seed(1)
+            losses[weight] = heads(features, proposals, IMAGE_SIZES, targets)[1]["loss_mask"]
+        rois, instance_boxes, outside = calls.pop()
+        assert not calls
+        torch.testing.assert_close(losses[0.5], losses[0.0] + 0.5 * outside)
+        all_boxes = torch.cat([t["boxes"] for t in targets])
+        assert all(bool((box == all_boxes).all(dim=1).any()) for box in instance_boxes)
+        if train_on == "gt_boxes":
+            torch.testing.assert_close(rois, instance_boxes)
+            assert outside.item() == 0.0
+        else:
+            assert outside.item() > 0 and box_iou(rois, instance_boxes).diagonal().min() >= 0.5
+
+
+def test_outside_box_weight_needs_point_supervision():
+    with pytest.raises(ValueError, match="outside_box_weight=0.5 needs point_supervision=true"):
+        build_roi_heads(_config(keypoints=False, outside_box_weight=0.5), in_channels=CHANNELS)

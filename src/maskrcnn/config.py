@@ -130,6 +130,10 @@ class MaskHeadConfig:
     # "valid_points": the point loss averages over the labelled points inside each RoI;
     # "all_points": over all labelled points of the RoIs' objects (PointSup's code), see point_supervision.py
     point_loss_average: str = "valid_points"
+    # With point_supervision: the weight of a second term, the BCE towards 0 of the RoI's mask cells
+    # outside its instance's box (points are drawn inside the box, so nothing else labels them);
+    # 0 = off, the paper's loss. See point_supervision.outside_box_loss.
+    outside_box_weight: float = 0.0
     loss_weight: float = 1.0  # multiplies loss_mask (the point loss too, with point_supervision)
     # The share of the mask loss's gradient that reaches the shared backbone, FPN and RPN (the mask
     # head itself gets all of it): 0 trains the head on detached features. Unlike loss_weight it
@@ -419,6 +423,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.keypoint_head.num_keypoints": (1, None, True),
     "model.mask_head.loss_weight": (0, None, True), "model.keypoint_head.loss_weight": (0, None, True),
     "model.mask_head.gt_box_copies": (1, None, True), "model.mask_head.feature_gradient": (0, 1, True),
+    "model.mask_head.outside_box_weight": (0, None, True),
     "data.horizontal_flip": (0, 1, True), "data.color_jitter": (0, None, True), "data.num_workers": (0, None, True),
     "train.iterations": (0, None, True), "train.batch_size": (1, None, True),
     "train.lr": (0, None, True), "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True),

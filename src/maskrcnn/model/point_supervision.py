@@ -92,14 +92,11 @@ def point_mask_loss(
     if average not in POINT_LOSS_AVERAGES:
         raise ValueError(f"point_mask_loss: average must be one of {POINT_LOSS_AVERAGES}, got {average!r}")
     _check_point_shapes(mask_logits, boxes, point_coords, point_labels)
-    num_rois, num_channels = mask_logits.shape[:2]
+    num_rois = mask_logits.shape[0]
     if num_rois == 0 or point_labels.shape[1] == 0:
         return mask_logits.sum() * 0.0
 
-    if num_channels == 1:
-        logits = mask_logits  # [R, 1, M, M]
-    else:
-        logits = mask_logits[torch.arange(num_rois, device=mask_logits.device), labels][:, None]
+    logits = _own_channel(mask_logits, labels)  # [R, 1, M, M]
     grid, inside = point_coords_in_roi(boxes.to(point_coords.dtype), point_coords)
     # "border" padding: a point in the outer half cell of the box takes the edge cell's value
     # instead of being blended with a zero logit (a 0.5 probability) that nothing predicted.
@@ -119,6 +116,48 @@ def point_mask_loss(
         point_logits[valid], point_labels[valid].to(point_logits.dtype), reduction="sum"
     )
     return total / (valid if average == "valid_points" else labelled).sum()
+
+
+def outside_box_loss(mask_logits: Tensor, boxes: Tensor, instance_boxes: Tensor, labels: Tensor) -> Tensor:
+    """Sigmoid BCE towards 0 of the mask cells that lie outside their instance's box.
+
+    Point labels are drawn inside the instance's box, so a RoI larger than the box (most positive
+    proposals, and the detector's boxes at test time) has no label between the box and its own
+    edges, where a point-trained head lets the mask bleed. The box is part of the annotation and
+    the object lies inside it: a cell whose centre is outside the box is background for certain.
+
+    Args:
+        mask_logits: [R, C, M, M] logits over each RoI (C = classes, or 1).
+        boxes: [R, 4] the RoIs, x1y1x2y2, image coordinates.
+        instance_boxes: [R, 4] the box of each RoI's instance, same frame.
+        labels: [R] int64, each RoI's class channel; not used when C == 1.
+
+    Returns:
+        A scalar: the BCE averaged over the cells (all RoIs together) whose centre
+        `x1 + (j + 0.5) * w / M` lies strictly outside the instance's box; exactly 0, still
+        connected to `mask_logits`, when there is none.
+    """
+    num_rois, _, size, _ = mask_logits.shape
+    if num_rois == 0:
+        return mask_logits.sum() * 0.0
+    boxes, instance_boxes = boxes.float(), instance_boxes.float()
+    steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # [M]
+    centres_x = boxes[:, 0:1] + steps * (boxes[:, 2:3] - boxes[:, 0:1])  # [R, M]
+    centres_y = boxes[:, 1:2] + steps * (boxes[:, 3:4] - boxes[:, 1:2])
+    outside_x = (centres_x < instance_boxes[:, 0:1]) | (centres_x > instance_boxes[:, 2:3])
+    outside_y = (centres_y < instance_boxes[:, 1:2]) | (centres_y > instance_boxes[:, 3:4])
+    outside = outside_y[:, :, None] | outside_x[:, None, :]  # [R, M (y), M (x)]
+    if not bool(outside.any()):
+        return mask_logits.sum() * 0.0
+    cells = _own_channel(mask_logits, labels)[:, 0].float()[outside]
+    return F.binary_cross_entropy_with_logits(cells, torch.zeros_like(cells))
+
+
+def _own_channel(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """[R, 1, M, M]: each RoI's class channel (the only one when C == 1)."""
+    if mask_logits.shape[1] == 1:
+        return mask_logits
+    return mask_logits[torch.arange(mask_logits.shape[0], device=mask_logits.device), labels][:, None]
 
 
 def sample_point_subset(point_labels: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:

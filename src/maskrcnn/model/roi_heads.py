@@ -32,7 +32,7 @@ from maskrcnn.model.box_ops import (
 from maskrcnn.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from maskrcnn.model.layers import ROI_LEVEL_NAMES
 from maskrcnn.model.mask_head import build_mask_head, mask_inference, mask_loss, mask_targets, mask_training_rois
-from maskrcnn.model.point_supervision import POINT_LOSS_AVERAGES, point_mask_loss, points_of_rois
+from maskrcnn.model.point_supervision import POINT_LOSS_AVERAGES, outside_box_loss, point_mask_loss, points_of_rois
 from maskrcnn.model.roi_align import roi_align
 from maskrcnn.model.threads import thread_pool
 
@@ -163,6 +163,7 @@ class MaskTraining:
     point_supervision: bool = False
     points_per_instance: int | None = None
     point_loss_average: str = "valid_points"
+    outside_box_weight: float = 0.0  # point supervision: weight of point_supervision.outside_box_loss
     loss_weight: float = 1.0  # multiplies loss_mask
     feature_gradient: float = 1.0  # share of the mask loss's gradient passed on to the pooled features
 
@@ -176,6 +177,9 @@ class MaskTraining:
             raise ValueError(
                 f"mask_head.point_loss_average must be one of {POINT_LOSS_AVERAGES}, got {self.point_loss_average!r}"
             )
+        if self.outside_box_weight and not self.point_supervision:
+            raise ValueError(f"mask_head.outside_box_weight={self.outside_box_weight} needs point_supervision=true "
+                             f"(dense mask targets are already 0 outside the instance's box)")
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ class RoIHeads(nn.Module):
         self.gt_box_copies = mask.gt_box_copies
         self.point_supervision, self.points_per_instance = mask.point_supervision, mask.points_per_instance
         self.point_loss_average, self.mask_loss_weight = mask.point_loss_average, mask.loss_weight
-        self.mask_feature_gradient = mask.feature_gradient
+        self.mask_feature_gradient, self.outside_box_weight = mask.feature_gradient, mask.outside_box_weight
         self.keypoint_pooler, self.keypoint_head = keypoint_pooler, keypoint_head
         self.keypoint_loss_weight, self.keypoint_decoding = keypoint_options.loss_weight, keypoint_options.decoding
 
@@ -343,15 +347,23 @@ class RoIHeads(nn.Module):
         # [R, 1, M, M]: each RoI's own class only, the one channel both losses read.
         mask_logits = self.mask_head(pooled, labels=torch.cat(labels))
         if self.point_supervision:
-            coords, point_labels = points_of_rois(targets, matched, points_per_instance=self.points_per_instance)
-            return point_mask_loss(mask_logits, torch.cat(boxes), coords, point_labels, torch.cat(labels),
-                                   average=self.point_loss_average)
+            return self._point_loss(mask_logits, boxes, matched, labels, targets)
         mask_size = mask_logits.shape[-1]
         aligned = self.mask_pooler.aligned
         per_image = [
             mask_targets(t["masks"], b, m, mask_size, aligned=aligned) for t, b, m in zip(targets, boxes, matched)
         ]
         return mask_loss(mask_logits, torch.cat(per_image), torch.cat(labels))
+
+    def _point_loss(self, mask_logits, boxes, matched, labels, targets):
+        """The point loss of the RoIs' instances (plus the outside-box term when weighted)."""
+        rois, labels = torch.cat(boxes), torch.cat(labels)
+        coords, point_labels = points_of_rois(targets, matched, points_per_instance=self.points_per_instance)
+        loss = point_mask_loss(mask_logits, rois, coords, point_labels, labels, average=self.point_loss_average)
+        if self.outside_box_weight:
+            instance_boxes = torch.cat([t["boxes"][m] for t, m in zip(targets, matched)])
+            loss = loss + self.outside_box_weight * outside_box_loss(mask_logits, rois, instance_boxes, labels)
+        return loss
 
     def run_on_boxes(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
                      detections: list[dict[str, Tensor]]) -> None:
@@ -405,7 +417,8 @@ def _mask_parts(config: ModelConfig, *, in_channels: int) -> dict:
         train_on=mask.train_on, gt_box_jitter=mask.gt_box_jitter, gt_box_copies=mask.gt_box_copies,
         mask_classes=mask.mask_classes,
         point_supervision=mask.point_supervision, points_per_instance=mask.points_per_instance,
-        point_loss_average=mask.point_loss_average, loss_weight=mask.loss_weight,
+        point_loss_average=mask.point_loss_average, outside_box_weight=mask.outside_box_weight,
+        loss_weight=mask.loss_weight,
         feature_gradient=mask.feature_gradient,
     )
     return dict(mask_pooler=_pooler(config, mask), mask_head=head, mask_training=training)
