@@ -88,7 +88,7 @@ def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, k
     assert "old table" in readme.read_text() and not (tmp_path / "records").exists()
     script.main(_argv(tmp_path, "--readme", str(readme)))
     first = _check_outputs(tmp_path, script, readme, capsys.readouterr().out)
-    expected_rows = {"partial_supervision": 6, "point_supervision": 8}[name]
+    expected_rows = {"partial_supervision": 6, "point_supervision": 10}[name]
     assert len(first["runs"]) == expected_rows
     assert len(list((tmp_path / "out").glob("*/seed0/result.json"))) == expected_rows
 
