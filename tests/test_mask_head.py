@@ -97,6 +97,20 @@ def test_own_class_logits_equal_the_full_heads_channel(architecture, class_agnos
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("architecture", ["fcn", "resnet", "hourglass"])
+def test_own_class_logits_in_channels_last(architecture):
+    """A head and features in channels_last (`model.to(memory_format=torch.channels_last)`) give the
+    training path the same logits as the default layout."""
+    torch.manual_seed(0)
+    head = build_mask_head(architecture=architecture, in_channels=6, num_classes=4, conv_dim=8, num_convs=2,
+                           norm="gn").double()
+    features, labels = torch.randn(5, 6, 14, 14, dtype=torch.float64), torch.randint(1, 5, (5,))
+    expected = head(features, labels)
+    head.to(memory_format=torch.channels_last)
+    logits = head(features.contiguous(memory_format=torch.channels_last), labels)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
+
+
 def test_own_class_logits_under_bf16_autocast():
     """The training path under CPU bf16 autocast stays within bf16 rounding of the full head's channel."""
     torch.manual_seed(0)

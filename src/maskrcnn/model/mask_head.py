@@ -83,8 +83,9 @@ def upsample_and_predict(x: Tensor, deconv: nn.ConvTranspose2d, predictor: nn.Co
     weight = deconv.weight.permute(1, 2, 3, 0).reshape(-1, deconv.in_channels, 1, 1)  # [(o, a, b), D, 1, 1]
     bias = None if deconv.bias is None else deconv.bias.repeat_interleave(4)
     upsampled = F.relu(F.conv2d(x, weight, bias))  # [R, O * 4, S, S]
-    # Viewed as O channels over a (a, b, i) x j grid, so that the own-class dot product is the 1x1 one.
-    cells = own_class_logits(upsampled.view(num_rois, deconv.out_channels, 4 * height, width), predictor, labels)  # [R, 1, 4S, S]
+    # Read as O channels over a (a, b, i) x j grid, so that the own-class dot product is the 1x1 one
+    # (a copy only when `x` came in channels_last).
+    cells = own_class_logits(upsampled.reshape(num_rois, deconv.out_channels, 4 * height, width), predictor, labels)  # [R, 1, 4S, S]
     return cells.view(num_rois, 2, 2, height, width).permute(0, 3, 1, 4, 2).reshape(num_rois, 1, 2 * height, 2 * width)
 
 
