@@ -37,7 +37,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from maskrcnn.engine.precision import has_fast_bf16
+from maskrcnn.engine.precision import bf16_kernels_available, has_fast_bf16
 from maskrcnn.model.mask_head import MaskFCNHead
 from maskrcnn.model.onednn import (
     FusedConv2d,
@@ -96,6 +96,10 @@ def optimize_for_cpu(
     if mode == "bf16" and not has_fast_bf16(cpu_flags):
         warnings.warn("inference mode 'bf16': this CPU has no bf16 units (neither amx_bf16 nor avx512_bf16 flag), "
                       "where bf16 is slower than fp32; using the 'fast' mode (fp32) instead", stacklevel=2)
+        mode = "fast"
+    elif mode == "bf16" and not bf16_kernels_available():
+        warnings.warn("inference mode 'bf16': oneDNN has no bf16 kernels on this CPU (they need AVX-512 BW/VL/DQ, "
+                      "AVX-NE-CONVERT or AMX); using the 'fast' mode (fp32) instead", stacklevel=2)
         mode = "fast"
     optimized = copy.deepcopy(model).eval()
     optimized.inference_mode = mode

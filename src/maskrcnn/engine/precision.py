@@ -39,6 +39,18 @@ def has_fast_bf16(cpu_flags: Iterable[str] | None = None) -> bool:
     return any(flag in flags for flag in BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
 
 
+def bf16_kernels_available() -> bool:
+    """Whether this process's oneDNN can run bf16 kernels on this CPU at all: it needs AVX-512
+    (BW, VL, DQ), AVX-NE-CONVERT or AMX, and refuses bf16 weights on an AVX2-only CPU. On real
+    CPUs `has_fast_bf16` implies it; it differs when `cpu_flags` are given for another CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: let oneDNN decide
+        return True
+
+
 def autocast_dtype(device: torch.device, *, amp: bool) -> torch.dtype | None:
     """The autocast dtype of `train.amp` on `device`, or None for float32 training."""
     if not amp:
