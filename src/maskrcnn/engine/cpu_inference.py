@@ -17,7 +17,8 @@ Modes (`INFERENCE_MODES`):
 - "bf16": fast, with the convolutions and fully connected layers in bfloat16 on CPUs with bf16
   matrix units (the `amx_bf16` or `avx512_bf16` CPU flag, `precision.has_fast_bf16`). Anchors, box
   decoding, NMS, RoIAlign and pasting stay fp32. Without them it falls back to "fast" and warns:
-  bf16 there is slower than fp32.
+  bf16 there is slower than fp32; likewise where oneDNN has no bf16 kernels at all
+  (`precision.bf16_kernels_available`: AVX2-only CPUs, even when told otherwise by `cpu_flags`).
 
 Nothing is compiled (torch.compile's inductor would take minutes per process on a small CPU): the
 modules are rebuilt eagerly, in seconds, so there is no compile cache to manage; the first call
