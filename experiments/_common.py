@@ -83,6 +83,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table-only", action="store_true", help="train nothing: print the table of the runs done")
     parser.add_argument("--readme", type=Path, default=None,
                         help="also write the table into this file's marked block (experiments/README.md)")
+    parser.add_argument("--table", default=None, metavar="NAME",
+                        help="name of a second table of the same experiment (e.g. runs on another CPU or in another "
+                             "precision): its tracked records are experiments/records/NAME.json and its README block "
+                             "is NAME's, so its runs neither read back nor overwrite the main table's "
+                             "(default: the script's name, the main table)")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key.sub=value config overrides for every run")
 
 
@@ -91,7 +96,9 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, *, 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command = [f"experiments/{script}.py", *argv]
-    args.experiment = script  # names its tracked records: experiments/records/<script>.json
+    args.script = script
+    # names the tracked records (experiments/records/<experiment>.json) and the README block
+    args.experiment = args.table or script
     torch.set_num_threads(args.threads)
     return args
 
@@ -271,10 +278,11 @@ def write_outputs(args: argparse.Namespace, summary: dict, text: str, *, experim
     if not args.records:  # e.g. a fresh clone whose records are not tracked yet: keep the README's table
         print(f"no finished run found: {args.readme}'s table is left as it is", flush=True)
         return
-    rewrite_block(args.readme, experiment, text)
-    write_json(RECORDS / f"{experiment}.json", {"experiment": experiment, "records": dict(sorted(args.records.items()))})
+    table = args.experiment
+    rewrite_block(args.readme, table, text, script=args.script)
+    write_json(RECORDS / f"{table}.json", {"experiment": experiment, "records": dict(sorted(args.records.items()))})
     print(f"wrote the table into {args.readme} and its {len(args.records)} records into "
-          f"{RECORDS / f'{experiment}.json'}", flush=True)
+          f"{RECORDS / f'{table}.json'}", flush=True)
 
 
 def budget_line(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:

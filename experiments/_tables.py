@@ -67,14 +67,18 @@ def results_table(
     return markdown_table(header, rows + [list(row) for row in extra_rows])
 
 
-def _writer(name: str) -> str:
-    return f"experiments/{name}.py --readme"
+def _writer(name: str, script: str | None) -> str:
+    """The command that writes table `name`: the script's main table, or a `--table NAME` one."""
+    if script is None or script == name:
+        return f"experiments/{name}.py --readme"
+    return f"experiments/{script}.py --table {name} --readme"
 
 
-def block_markers(name: str) -> tuple[str, str]:
-    return _markdown.block_markers(name, _writer(name))
+def block_markers(name: str, script: str | None = None) -> tuple[str, str]:
+    return _markdown.block_markers(name, _writer(name, script))
 
 
-def rewrite_block(path: Path, name: str, text: str) -> None:
-    """Replace what lies between the block markers of `name` in `path` with `text`."""
-    _markdown.rewrite_block(path, name, _writer(name), text)
+def rewrite_block(path: Path, name: str, text: str, *, script: str | None = None) -> None:
+    """Replace what lies between the block markers of table `name` (of `script`, the default
+    being the script of the same name) in `path` with `text`."""
+    _markdown.rewrite_block(path, name, _writer(name, script), text)

@@ -119,6 +119,44 @@ def test_script_trains_writes_and_rereads(name, tmp_path, capsys, monkeypatch, k
     assert f"{expected_rows} of {2 * expected_rows} runs done (seeds 0 1)" in printed
 
 
+def test_a_second_table_keeps_its_records_and_block_apart(tmp_path, capsys, monkeypatch, keep_threads):
+    """`--table NAME`: runs of the same rows elsewhere (another CPU, another precision) train
+    anew instead of reading the main table's tracked records back, and their records and README
+    block are NAME's: the main table's are left as they were."""
+    script = importlib.import_module("point_supervision")
+    monkeypatch.setattr(_common, "RECORDS", tmp_path / "records")
+    main_begin, main_end = _tables.block_markers(script.EXPERIMENT)
+    second_begin, second_end = _tables.block_markers("points_b", script.EXPERIMENT)
+    assert "experiments/point_supervision.py --table points_b --readme" in second_begin
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{main_begin}\nold\n{main_end}\n{second_begin}\nold\n{second_end}\n")
+
+    def argv(out: str, *extra: str) -> list[str]:
+        return [f"data.root={tmp_path / 'shapes'}", *TINY, "--out", str(tmp_path / out), "--iterations", "2",
+                *extra, "--readme", str(readme), "--seeds", "0", "--only", "full masks"]
+
+    script.main(argv("main"))
+    main_records = (tmp_path / "records" / "point_supervision.json").read_text()
+    main_block = readme.read_text().split(second_begin)[0]
+    assert "| full masks | 0 |" in main_block
+    capsys.readouterr()
+
+    script.main(argv("second", "--table", "points_b"))
+    assert "=== full masks, seed 0" in capsys.readouterr().out  # trained, not read back from the main records
+    assert (tmp_path / "second" / "full_masks" / "seed0" / "result.json").is_file()
+    assert (tmp_path / "records" / "point_supervision.json").read_text() == main_records
+    second = json.loads((tmp_path / "records" / "points_b.json").read_text())["records"]
+    assert list(second) == ["full_masks/seed0"]
+    text = readme.read_text()
+    assert text.startswith(main_block) and "| full masks | 0 |" in text.split(second_begin)[1]
+
+    # A fresh clone of the second table reads its own tracked records back.
+    (tmp_path / "second" / "full_masks" / "seed0" / "result.json").unlink()
+    monkeypatch.setattr(_common, "train_and_evaluate", _no_training)
+    script.main(argv("second", "--table", "points_b"))
+    assert "done before, read back" in capsys.readouterr().out
+
+
 def test_cells_give_mean_sample_sd_and_seeds():
     # mean 0.2, sample sd sqrt(((-0.1)^2 + 0 + 0.1^2) / 2) = 0.1, in percent
     assert _tables.cell([0.1, 0.2, 0.3]) == "20.0 ± 10.0 (10.0 / 20.0 / 30.0)"

@@ -38,3 +38,41 @@ def test_readme_commands_parse():
     for command in commands:
         words = [w for w in command[1:] if w != "..."]
         build_parser().parse_args(words)
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped (hyphens and
+    underscores kept), spaces to hyphens."""
+    text = re.sub(r"`|\*|\[|\]\([^)]*\)", "", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+        anchor = _github_anchor(heading)
+        count = seen.get(anchor, 0)  # GitHub numbers repeated headings: name, name-1, name-2
+        seen[anchor] = count + 1
+        anchors.add(anchor if count == 0 else f"{anchor}-{count}")
+    return anchors
+
+
+def test_relative_links_and_their_anchors_exist():
+    """Every relative link of the project's Markdown files names a file that exists and, with a
+    `#anchor`, a heading of that file (headings that change with the results break links silently)."""
+    root = README.parent
+    documents = [README, *sorted((root / "docs").glob("*.md")), *sorted((root / "experiments").glob("*.md"))]
+    broken = []
+    for document in documents:
+        text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (document.parent / file_part).resolve() if file_part else document
+            if not linked.exists():
+                broken.append(f"{document.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{document.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
