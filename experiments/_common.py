@@ -97,8 +97,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, *, 
     args = parser.parse_args(argv)
     args.command = [f"experiments/{script}.py", *argv]
     args.script = script
-    # names the tracked records (experiments/records/<experiment>.json) and the README block
-    args.experiment = args.table or script
+    # the table's name: its tracked records (experiments/records/<table>.json) and its README block
+    args.table = args.table or script
     torch.set_num_threads(args.threads)
     return args
 
@@ -174,7 +174,7 @@ def find_record(args: argparse.Namespace, run: Run, seed: int) -> dict | None:
     path = run_folder(args, run, seed) / "result.json"
     if path.is_file():
         return json.loads(path.read_text())
-    return tracked_records(args.experiment).get(record_key(run, seed))
+    return tracked_records(args.table).get(record_key(run, seed))
 
 
 def read_record(record: dict | None, config: Config, where: Path | str) -> dict | None:
@@ -278,11 +278,10 @@ def write_outputs(args: argparse.Namespace, summary: dict, text: str, *, experim
     if not args.records:  # e.g. a fresh clone whose records are not tracked yet: keep the README's table
         print(f"no finished run found: {args.readme}'s table is left as it is", flush=True)
         return
-    table = args.experiment
-    rewrite_block(args.readme, table, text, script=args.script)
-    write_json(RECORDS / f"{table}.json", {"experiment": experiment, "records": dict(sorted(args.records.items()))})
+    rewrite_block(args.readme, args.table, text, script=args.script)
+    write_json(RECORDS / f"{args.table}.json", {"experiment": experiment, "records": dict(sorted(args.records.items()))})
     print(f"wrote the table into {args.readme} and its {len(args.records)} records into "
-          f"{RECORDS / f'{table}.json'}", flush=True)
+          f"{RECORDS / f'{args.table}.json'}", flush=True)
 
 
 def budget_line(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:

@@ -1,5 +1,6 @@
 """The README's Python example runs as written."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -47,10 +48,15 @@ def _github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
+def _prose(path: Path) -> str:
+    """A Markdown file without its code blocks (a `# comment` there is not a heading)."""
+    return re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+
+
+@functools.cache
 def _anchors(path: Path) -> set[str]:
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
     anchors, seen = set(), {}
-    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+    for heading in re.findall(r"^#{1,6} (.+)$", _prose(path), flags=re.M):
         anchor = _github_anchor(heading)
         count = seen.get(anchor, 0)  # GitHub numbers repeated headings: name, name-1, name-2
         seen[anchor] = count + 1
@@ -65,8 +71,7 @@ def test_relative_links_and_their_anchors_exist():
     documents = [README, *sorted((root / "docs").glob("*.md")), *sorted((root / "experiments").glob("*.md"))]
     broken = []
     for document in documents:
-        text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose(document)):
             if re.match(r"[a-z]+:", target):  # https:, mailto:
                 continue
             file_part, _, anchor = target.partition("#")
